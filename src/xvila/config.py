@@ -1,0 +1,98 @@
+"""The whole model's config: one nested dataclass, complete before the model is built, saved with every checkpoint.
+
+``XVilaConfig.tiny()`` is the small configuration used by tests and benchmarks (random weights);
+``XVilaConfig.reference(...)`` is the paper's size (Vicuna-7B, ImageBind-Huge, SD-1.5, ZeroScope, AudioLDM),
+loading each part from a local folder the user gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xvila.configuration import Config
+from xvila.decoders import AudioDecoderConfig, ImageDecoderConfig, VideoDecoderConfig
+from xvila.encoders import EncoderConfig
+from xvila.highway import HighwayConfig
+from xvila.llm import LLMConfig
+from xvila.modalities import MODALITIES, check_modalities
+from xvila.projections import InputProjectionConfig, OutputProjectionConfig
+
+
+@dataclass
+class DecodersConfig(Config):
+    image: ImageDecoderConfig | None = None
+    video: VideoDecoderConfig | None = None
+    audio: AudioDecoderConfig | None = None
+
+    def get(self, modality: str):
+        config = getattr(self, modality, None)
+        if config is None:
+            raise ValueError(f"no decoder is configured for {modality!r}")
+        return config
+
+
+def default_gen_tokens() -> dict[str, int]:
+    return {"image": 4, "video": 24, "audio": 8}  # NExT-GPT's counts
+
+
+@dataclass
+class XVilaConfig(Config):
+    encoder: EncoderConfig
+    llm: LLMConfig
+    decoders: DecodersConfig
+    input_projection: InputProjectionConfig = field(default_factory=InputProjectionConfig)
+    output_projection: OutputProjectionConfig = field(default_factory=OutputProjectionConfig)
+    highway: HighwayConfig | None = field(default_factory=HighwayConfig)
+    input_modalities: tuple[str, ...] = ("image", "video", "audio")
+    gen_tokens: dict[str, int] = field(default_factory=default_gen_tokens)  # output modality -> K tokens
+
+    def __post_init__(self):
+        check_modalities(self.input_modalities)
+        check_modalities(self.gen_tokens)
+        for modality, count in self.gen_tokens.items():
+            if count < 1:
+                raise ValueError(f"gen_tokens[{modality!r}] must be >= 1, got {count}")
+            self.decoders.get(modality)  # every output modality needs a decoder
+
+    @property
+    def output_modalities(self) -> tuple[str, ...]:
+        """In the registry's order, whatever the order of ``gen_tokens`` (token ids depend on it)."""
+        return tuple(m for m in MODALITIES if m in self.gen_tokens)
+
+    @classmethod
+    def tiny(cls) -> XVilaConfig:
+        """Random-weight tiny model: every component small enough for a CPU test in seconds."""
+        encoder = EncoderConfig.tiny()
+        encoder = encoder.replace(vision=encoder.vision.replace(video_frames=8))  # the toy world's clips
+        return cls(
+            encoder=encoder,
+            llm=LLMConfig.tiny(),
+            decoders=DecodersConfig(ImageDecoderConfig.tiny(), VideoDecoderConfig.tiny(), AudioDecoderConfig.tiny()),
+            input_projection=InputProjectionConfig(num_tokens=4),
+            output_projection=OutputProjectionConfig(width=64, heads=4, encoder_layers=1, decoder_layers=1),
+            highway=HighwayConfig(hidden_channels=32),
+            gen_tokens={"image": 4, "video": 8, "audio": 4},
+        )
+
+    @classmethod
+    def reference(
+        cls,
+        llm_path: str | None = None,
+        imagebind_path: str | None = None,
+        sd15_path: str | None = None,
+        zeroscope_path: str | None = None,
+        audioldm_path: str | None = None,
+    ) -> XVilaConfig:
+        """The paper's sizes. Each path is a local folder or file; a part without one gets random weights."""
+        return cls(
+            encoder=EncoderConfig.imagebind_huge(weights_path=imagebind_path),
+            llm=LLMConfig.vicuna_7b(llm_path),
+            decoders=DecodersConfig(
+                ImageDecoderConfig.sd15(weights_path=sd15_path),
+                VideoDecoderConfig.zeroscope(weights_path=zeroscope_path),
+                AudioDecoderConfig.audioldm(weights_path=audioldm_path),
+            ),
+            input_projection=InputProjectionConfig(num_tokens=4),
+            output_projection=OutputProjectionConfig(width=512, heads=8, encoder_layers=4, decoder_layers=4),
+            highway=HighwayConfig(),
+        )

@@ -1,0 +1,297 @@
+"""XVilaModel: encoders -> input projections -> LLM -> output projections -> diffusion decoders, plus the Visual
+Embedding Highway. One class wires the components; each component lives in its own module.
+
+Shape legend (see ``xvila.modalities``): B batch, L tokens, D LLM width, N items, K generation tokens per item,
+Q decoder conditioning tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from xvila.config import XVilaConfig
+from xvila.conversation import Batch, Message
+from xvila.decoders import Decoder, build_decoder
+from xvila.encoders import EncoderOutput, build_encoder
+from xvila.highway import HighwayResiduals, VisualHighway
+from xvila.llm import add_tokens, build_llm
+from xvila.losses import LossWeights, align_loss, lm_loss, total_loss
+from xvila.modalities import get_modality
+from xvila.projections import InputProjection, OutputProjection
+from xvila.splice import SpliceOutput, gather_runs, splice_media
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+ADAPTERS_FILE = "adapters.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class XVilaOutput:
+    loss: Tensor  # the weighted total
+    losses: dict[str, Tensor]  # "lm", "align", "denoise", "highway", and per modality e.g. "align/video"
+    hidden_states: Tensor  # (B, L2, D) the LLM's last hidden states over the spliced sequence
+
+
+class XVilaModel(nn.Module):
+    """The any-to-any model. Decoders (and their highways) are built lazily, once, on first use."""
+
+    def __init__(
+        self,
+        config: XVilaConfig,
+        *,
+        load_weights: bool = True,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        # without load_weights a checkpoint fills the weights: build from the architecture alone
+        self.encoder = build_encoder(config.encoder if load_weights else config.encoder.replace(weights_path=None))
+        self.llm, self.tokenizer = build_llm(config.llm, load_weights=load_weights, tokenizer=tokenizer)
+        d = config.llm.hidden_size
+
+        added = [get_modality(m).placeholder for m in config.input_modalities]
+        for m in config.output_modalities:
+            added += get_modality(m).gen_tokens(config.gen_tokens[m])
+        add_tokens(self.llm, self.tokenizer, added)
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.placeholder_ids = {m: ids(get_modality(m).placeholder) for m in config.input_modalities}
+        self.gen_token_ids = {m: ids(get_modality(m).gen_tokens(config.gen_tokens[m])) for m in config.output_modalities}
+        self.stop_id = ids(config.llm.template.stop)
+        if self.stop_id is None or self.stop_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the chat template's stop token {config.llm.template.stop!r} is not a single token of "
+                             "the LLM's tokenizer: choose a template that matches the LLM")
+
+        for m in config.input_modalities:
+            if m not in self.encoder.modalities:
+                raise ValueError(f"the encoder has no {m!r} tower; it encodes {list(self.encoder.modalities)}")
+        in_dim = self.encoder.embed_dim if config.input_projection.source == "pooled" else None
+        self.input_projections = nn.ModuleDict({
+            m: InputProjection(config.input_projection, in_dim or self.encoder.patch_dim(m), d)
+            for m in config.input_modalities
+        })
+        self.output_projections = nn.ModuleDict({
+            m: OutputProjection(config.output_projection, d, config.decoders.get(m).cond_shape)
+            for m in config.output_modalities
+        })
+        self.decoders = nn.ModuleDict()  # filled by .decoder(m)
+        self.highways = nn.ModuleDict()  # filled with the visual decoders
+        self.adapters: dict[str, dict] = {}  # group -> LoRA settings injected (see xvila.trainability)
+        self._weights_dir: Path | None = None  # where lazily built decoders read their weights
+        self.trainability = None  # the TrainabilitySpec last applied (xvila.trainability.apply_trainability)
+
+    # ------------------------------------------------------------------ components
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    def decoder(self, modality: str) -> Decoder:
+        """The decoder of ``modality``, built (and its highway with it) on first use, then kept."""
+        if modality not in self.decoders:
+            self._build_decoder(modality)
+        return self.decoders[modality]
+
+    def load_decoders(self, modalities=None) -> None:
+        for m in modalities or self.config.output_modalities:
+            self.decoder(m)
+
+    def _build_decoder(self, modality: str) -> None:
+        from xvila.trainability import inject_lora  # trainability imports this module
+
+        config = self.config.decoders.get(modality)
+        if modality not in self.config.gen_tokens:
+            raise ValueError(f"{modality!r} is not an output modality of this model: {self.config.output_modalities}")
+        logger.info("building the %s decoder", modality)
+        if self._weights_dir is not None:  # a saved model: architecture from the config, weights from our files
+            tokenizer = config.tokenizer.replace(path=str(self._weights_dir / f"tokenizer-{modality}"))
+            config = config.replace(weights_path=None, tokenizer=tokenizer)
+        decoder = build_decoder(config)
+        if "decoders" in self.adapters:
+            inject_lora(decoder.denoiser, self.adapters["decoders"], decoder.lora_target_modules)
+        # a decoder built after apply_trainability follows the spec; before any spec, its denoiser is trainable
+        spec = self.trainability
+        decoder_mode = spec.mode("decoders") if spec is not None else "full"
+        decoder.requires_grad_(False)  # VAE, text encoder, vocoder: always frozen
+        for name, param in decoder.denoiser.named_parameters():
+            param.requires_grad_(decoder_mode == "full" or (decoder_mode == "lora" and "lora_" in name))
+        highway = None
+        if self.config.highway is not None and get_modality(modality).visual:
+            visual_inputs = [m for m in self.config.input_modalities if get_modality(m).visual]
+            if visual_inputs:
+                layout = decoder.residual_shapes(config.height, config.width)
+                highway = VisualHighway(self.config.highway, self.encoder.patch_dim(visual_inputs[0]), layout)
+                highway.requires_grad_(spec is None or spec.mode("highway") == "full")
+        if self._weights_dir is not None:
+            load_model(decoder, self._weights_dir / f"decoder-{modality}.safetensors")
+            if highway is not None:
+                load_model(highway, self._weights_dir / f"highway-{modality}.safetensors")
+        self.decoders[modality] = decoder.to(self.device)
+        if highway is not None:
+            self.highways[modality] = highway.to(self.device)
+
+    def input_shape(self, modality: str) -> tuple[int, ...]:
+        """The shape of one input item the encoder takes (repo conventions, see ``xvila.modalities``)."""
+        vision, audio = self.config.encoder.vision, self.config.encoder.audio
+        shapes = {"image": (3, vision.image_size, vision.image_size),
+                  "video": (vision.video_frames, 3, vision.image_size, vision.image_size),
+                  "audio": (audio.sample_rate * self._audio_seconds(),)}
+        get_modality(modality)
+        return shapes[modality]
+
+    def output_shape(self, modality: str) -> tuple[int, ...]:
+        """The shape of one item the ``modality`` decoder generates."""
+        return self.config.decoders.get(modality).media_shape
+
+    def media_sizes(self, modality: str) -> dict:
+        """Keyword arguments for ``xvila.media.load_media`` that give items of :meth:`input_shape`."""
+        vision, audio = self.config.encoder.vision, self.config.encoder.audio
+        return {"image": {"size": vision.image_size},
+                "video": {"size": vision.image_size, "num_frames": vision.video_frames},
+                "audio": {"sample_rate": audio.sample_rate, "seconds": self._audio_seconds()},
+                }[get_modality(modality).name]
+
+    def _audio_seconds(self) -> int:
+        """Whole seconds of input audio: the encoder's log-mel window, rounded (it pads or crops the rest)."""
+        audio = self.config.encoder.audio
+        return max(1, round(audio.clip_samples / audio.sample_rate))
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, modality: str, media: Tensor) -> EncoderOutput:
+        return self.encoder(modality, media.to(self.device))
+
+    def project_inputs(self, encoded: dict[str, EncoderOutput]) -> dict[int, Tensor]:
+        """Projected media tokens keyed by placeholder id: {id: (N, K, D)}."""
+        out = {}
+        for m, enc in encoded.items():
+            if m not in self.input_projections:
+                raise ValueError(f"{m!r} is not an input modality of this model: {self.config.input_modalities}")
+            out[self.placeholder_ids[m]] = self.input_projections[m](enc.patch_embeds, enc.pooled_embeds)
+        return out
+
+    def embed(
+        self, input_ids: Tensor, attention_mask: Tensor, encoded: dict[str, EncoderOutput],
+        labels: Tensor | None = None, padding_side: str = "right",
+    ) -> SpliceOutput:
+        token_embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
+        return splice_media(token_embeds, input_ids, attention_mask, self.project_inputs(encoded), labels,
+                            pad_id=self.tokenizer.pad_token_id, padding_side=padding_side)
+
+    def forward(self, batch: Batch, weights: LossWeights | None = None) -> XVilaOutput:
+        weights = weights or LossWeights()
+        batch = batch.to(self.device)
+        encoded = {m: self.encode(m, x) for m, x in batch.media.items()}
+        spliced = self.embed(batch.input_ids, batch.attention_mask, encoded, batch.labels)
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask
+        ).last_hidden_state  # (B, L2, D)
+
+        losses: dict[str, Tensor] = {}
+        if weights.active("lm"):
+            losses["lm"] = lm_loss(self.llm.get_output_embeddings(), hidden, spliced.labels)
+        unknown = set(batch.targets) - set(self.output_projections)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} not output modalities of this model: {self.config.output_modalities}")
+        wants_decoder = any(weights.active(n) for n in ("align", "denoise", "highway"))
+        for m in self.config.output_modalities if wants_decoder else ():
+            gen_hidden = gather_runs(hidden, spliced.input_ids, torch.tensor(self.gen_token_ids[m], device=self.device))
+            targets = batch.targets.get(m)
+            n_targets = 0 if targets is None else targets.media.shape[0]
+            if gen_hidden.shape[0] != n_targets:
+                raise ValueError(f"the answers hold {gen_hidden.shape[0]} {m} generation run(s) but {n_targets} "
+                                 f"{m} target(s) were given: each run needs its target media and caption")
+            if targets is None:
+                continue
+            cond = self.output_projections[m](gen_hidden)  # (N, Q, D_cond)
+            decoder = self.decoder(m)
+            if weights.active("align"):
+                with torch.no_grad():
+                    text_embeds = decoder.encode_text(targets.captions)
+                losses[f"align/{m}"] = align_loss(cond, text_embeds)
+            if weights.active("denoise"):
+                losses[f"denoise/{m}"] = decoder.denoising_loss(targets.media, cond)
+            if weights.active("highway") and m in self.highways:
+                highway_loss = self._highway_loss(m, targets, cond, encoded)
+                if highway_loss is not None:
+                    losses[f"highway/{m}"] = highway_loss
+        for name in ("align", "denoise", "highway"):
+            parts = [v for k, v in losses.items() if k.startswith(name + "/")]
+            if parts:
+                losses[name] = torch.stack(parts).mean()
+        return XVilaOutput(total_loss(losses, weights), losses, hidden)
+
+    def highway_residuals(self, modality: str, guide_modality: str, patch_embeds: Tensor) -> HighwayResiduals:
+        """Residuals for ``modality``'s decoder from a visual input's patch tokens (N, P, C), P = t*h*w."""
+        self.decoder(modality)
+        _, h, w = self.encoder.patch_grid(guide_modality)
+        grid = (patch_embeds.shape[1] // (h * w), h, w)  # t clips: a video's frame count is its own
+        num_frames = getattr(self.config.decoders.get(modality), "num_frames", None)  # video decoders only
+        return self.highways[modality](patch_embeds, grid, num_frames=num_frames)
+
+    def _highway_loss(self, m, targets, cond, encoded) -> Tensor | None:
+        """Denoising loss with highway residuals, over the targets that have a visual guide, grouped by its modality."""
+        parts = []
+        for guide_modality in dict.fromkeys(g[0] for g in targets.guides if g is not None):
+            rows = [i for i, g in enumerate(targets.guides) if g is not None and g[0] == guide_modality]
+            items = [targets.guides[i][1] for i in rows]
+            patch = encoded[guide_modality].patch_embeds[items]  # (n, P, C)
+            residuals = self.highway_residuals(m, guide_modality, patch)
+            parts.append(self.decoders[m].denoising_loss(targets.media[rows], cond[rows], residuals=residuals))
+        return torch.stack(parts).mean() if parts else None
+
+    @torch.no_grad()
+    def generate(self, messages: list[Message], config=None):
+        from xvila.generation import generate
+
+        return generate(self, messages, config)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Config JSON, tokenizer, and one safetensors file per component. Loads every decoder first."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.load_decoders()
+        self.config.save(directory / CONFIG_FILE)
+        (directory / ADAPTERS_FILE).write_text(json.dumps(self.adapters, indent=2, sort_keys=True) + "\n")
+        self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        for name, module in self._weight_files().items():
+            save_model(module, str(directory / name))
+        for m, decoder in self.decoders.items():
+            decoder.save_tokenizer(directory / f"tokenizer-{m}")
+
+    def _weight_files(self) -> dict[str, nn.Module]:
+        files = {
+            "encoder.safetensors": self.encoder,
+            "llm.safetensors": self.llm,
+            "input_projections.safetensors": self.input_projections,
+            "output_projections.safetensors": self.output_projections,
+        }
+        files |= {f"decoder-{m}.safetensors": d for m, d in self.decoders.items()}
+        files |= {f"highway-{m}.safetensors": h for m, h in self.highways.items()}
+        return files
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> XVilaModel:
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{directory} holds no xvila model ({CONFIG_FILE} missing)")
+        from xvila.trainability import inject_lora
+
+        config = XVilaConfig.load(directory / CONFIG_FILE)
+        tokenizer = AutoTokenizer.from_pretrained(directory / TOKENIZER_DIR, local_files_only=True)
+        model = cls(config, load_weights=False, tokenizer=tokenizer)
+        model.adapters = json.loads((directory / ADAPTERS_FILE).read_text())
+        if "llm" in model.adapters:
+            inject_lora(model.llm, model.adapters["llm"], None)
+        model._weights_dir = directory
+        for name, module in model._weight_files().items():
+            load_model(module, str(directory / name))
+        return model.to(device)

@@ -1,0 +1,110 @@
+"""Tensor surgery for interleaving media tokens with text tokens. Pure, vectorised functions.
+
+Shape legend: B batch, L text length, L2 spliced length, D hidden size, N media items, K tokens per item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SpliceOutput:
+    inputs_embeds: Tensor  # (B, L2, D)
+    attention_mask: Tensor  # (B, L2) 1 for real positions
+    labels: Tensor | None  # (B, L2) IGNORE_INDEX at media and padding positions
+    input_ids: Tensor  # (B, L2) text ids where text stands, the placeholder id where media tokens stand, pad_id elsewhere
+    media_mask: Tensor  # (B, L2) True where a media token stands
+
+
+def splice_media(
+    token_embeds: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    media: dict[int, Tensor],
+    labels: Tensor | None = None,
+    pad_id: int = 0,
+    padding_side: str = "right",
+) -> SpliceOutput:
+    """Replace each placeholder token by its media item's K projected tokens.
+
+    token_embeds: (B, L, D) embeddings of ``input_ids`` (placeholder rows are ignored).
+    input_ids, attention_mask: (B, L). media: placeholder id -> (N, K, D), items in row-major order of appearance.
+    Padding tokens (attention_mask 0) are kept where they are; the rows are padded to the longest spliced row
+    on ``padding_side``.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    B, L, D = token_embeds.shape
+    if input_ids.shape != (B, L) or attention_mask.shape != (B, L):
+        raise ValueError(f"input_ids and attention_mask must be {(B, L)}, got {tuple(input_ids.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    if labels is not None and labels.shape != (B, L):
+        raise ValueError(f"labels must be {(B, L)}, got {tuple(labels.shape)}")
+
+    counts = torch.ones_like(input_ids)  # (B, L) output positions each input token takes
+    is_media = torch.zeros_like(input_ids, dtype=torch.bool)
+    for pid, embeds in media.items():
+        if embeds.ndim != 3 or embeds.shape[-1] != D:
+            raise ValueError(f"media embeddings for placeholder {pid} must be (N, K, {D}), got {tuple(embeds.shape)}")
+        is_ph = input_ids == pid
+        found = int(is_ph.sum())
+        if found != embeds.shape[0]:
+            raise ValueError(f"the prompt holds {found} placeholder(s) with id {pid} but {embeds.shape[0]} media "
+                             f"item(s) were given for it: each item needs exactly one placeholder")
+        counts = torch.where(is_ph, embeds.shape[1], counts)
+        is_media |= is_ph
+
+    new_len = counts.sum(1)  # (B,)
+    L2 = int(new_len.max())
+    start = counts.cumsum(1) - counts  # (B, L) first output position of each input token
+    if padding_side == "left":
+        start = start + (L2 - new_len)[:, None]
+
+    out_embeds = token_embeds.new_zeros(B, L2, D)
+    out_mask = attention_mask.new_zeros(B, L2)
+    out_ids = input_ids.new_full((B, L2), pad_id)
+    out_labels = None if labels is None else labels.new_full((B, L2), IGNORE_INDEX)
+    media_mask = torch.zeros(B, L2, dtype=torch.bool, device=input_ids.device)
+
+    b, l = (~is_media).nonzero(as_tuple=True)  # text tokens
+    dest = start[b, l]
+    out_embeds[b, dest] = token_embeds[b, l]
+    out_mask[b, dest] = attention_mask[b, l]
+    out_ids[b, dest] = input_ids[b, l]
+    if out_labels is not None:
+        out_labels[b, dest] = labels[b, l]
+
+    for pid, embeds in media.items():
+        b, l = (input_ids == pid).nonzero(as_tuple=True)  # (N,) row-major: the order of the items
+        K = embeds.shape[1]
+        pos = start[b, l][:, None] + torch.arange(K, device=input_ids.device)  # (N, K)
+        rows = b[:, None].expand(-1, K)
+        out_embeds[rows, pos] = embeds.to(out_embeds.dtype)
+        out_mask[rows, pos] = 1
+        out_ids[rows, pos] = pid
+        media_mask[rows, pos] = True
+
+    return SpliceOutput(out_embeds, out_mask, out_labels, out_ids, media_mask)
+
+
+def gather_runs(hidden: Tensor, input_ids: Tensor, run_ids: Tensor) -> Tensor:
+    """Hidden states at every run of generation tokens, as (N, K, D).
+
+    hidden: (B, L, D); input_ids: (B, L); run_ids: (K,) the generation token ids of one modality, in order.
+    Each run must be the K tokens in order; runs are returned in row-major order of appearance.
+    """
+    K = run_ids.numel()
+    is_gen = torch.isin(input_ids, run_ids)  # (B, L)
+    total = int(is_gen.sum())
+    if total % K:
+        raise ValueError(f"found {total} generation tokens, not a whole number of runs of {K}")
+    ids = input_ids[is_gen].view(-1, K)  # (N, K)
+    if not torch.equal(ids, run_ids.expand_as(ids)):
+        raise ValueError(f"generation tokens must appear as complete runs {run_ids.tolist()} in order")
+    return hidden[is_gen].view(-1, K, hidden.shape[-1])

@@ -1,0 +1,177 @@
+"""The whole model at tiny size: forward and losses, any-to-any generation, trainability, save/load, errors."""
+
+import pytest
+import torch
+
+from xvila.config import XVilaConfig
+from xvila.conversation import Message, MediaItem, collate, gen_run_text
+from xvila.generation import GenerationConfig
+from xvila.losses import LossWeights
+from xvila.model import XVilaModel
+from xvila.trainability import GROUPS, TrainabilitySpec, apply_trainability, group_parameters
+
+ALL_LOSSES = LossWeights(lm=1.0, align=1.0, denoise=1.0, highway=1.0)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return XVilaConfig.tiny()
+
+
+@pytest.fixture
+def model(config):
+    torch.manual_seed(0)
+    return XVilaModel(config)
+
+
+def media(model, modality, seed=0, output=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = model.output_shape(modality) if output else model.input_shape(modality)
+    x = torch.rand(shape, generator=g)
+    return x * 2 - 1 if modality == "audio" else x
+
+
+def training_conversations(model):
+    k = model.config.gen_tokens
+    return [
+        [Message("user", "Turn this picture into a video with its sound.", [MediaItem("image", media(model, "image"))]),
+         Message("assistant", f"Here it is: {gen_run_text('video', k['video'])} and {gen_run_text('audio', k['audio'])}",
+                 [MediaItem("video", media(model, "video", 1, True), "a red circle moving left"),
+                  MediaItem("audio", media(model, "audio", 2, True), "a red circle moving left")])],
+        [Message("user", "What do you hear?", [MediaItem("audio", media(model, "audio", 3))]),
+         Message("assistant", "A small blue square."),
+         Message("user", "Show it, from this video.", [MediaItem("video", media(model, "video", 4))]),
+         Message("assistant", gen_run_text("image", k["image"]), [MediaItem("image", media(model, "image", 5, True), "a blue square")])],
+    ]
+
+
+def batch_of(model):
+    return collate(training_conversations(model), model.tokenizer, model.config.llm.template)
+
+
+def test_forward_returns_every_loss(model):
+    out = model(batch_of(model), ALL_LOSSES)
+    for name in ("lm", "align", "denoise", "highway", "align/video", "align/audio", "align/image",
+                 "denoise/video", "highway/video", "highway/image"):
+        assert name in out.losses and torch.isfinite(out.losses[name]), name
+    assert "highway/audio" not in out.losses  # the highway is for visual outputs only
+    expected = sum(out.losses[n] for n in ("lm", "align", "denoise", "highway"))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_any_to_any_turn_image_in_text_video_audio_out(model):
+    msgs = [Message("user", "Make a video and a sound of this.", [MediaItem("image", media(model, "image"))])]
+    answer = model.generate(msgs, GenerationConfig(max_new_tokens=8, outputs=("video", "audio"), num_inference_steps=2))
+    kinds = [m.modality for m in answer.media]
+    assert sorted(kinds) == ["audio", "video"]
+    by = {m.modality: m for m in answer.media}
+    assert by["video"].data.shape == model.output_shape("video")
+    assert by["audio"].data.shape == model.output_shape("audio")
+    assert by["video"].data.min() >= 0 and by["video"].data.max() <= 1
+    assert "<video 0>" in answer.text and "<audio 0>" in answer.text
+    # the answer continues the conversation: its runs are in the raw text
+    assert gen_run_text("video", model.config.gen_tokens["video"]) in answer.raw_text
+    follow = msgs + [answer.as_message(), Message("user", "Now describe it.")]
+    assert isinstance(model.generate(follow, GenerationConfig(max_new_tokens=4, decode_media=False)).text, str)
+
+
+def test_generation_is_deterministic_and_decoders_load_once(model):
+    msgs = [Message("user", "draw", [MediaItem("video", media(model, "video"))])]
+    cfg = GenerationConfig(max_new_tokens=4, outputs=("image",), num_inference_steps=2, seed=3)
+    a = model.generate(msgs, cfg)
+    decoder = model.decoder("image")
+    b = model.generate(msgs, cfg)
+    assert model.decoder("image") is decoder
+    assert a.text == b.text and torch.equal(a.media[0].data, b.media[0].data)
+
+
+SPECS = [
+    {"input_projections": "full", "output_projections": "full"},
+    {"llm": "lora", "token_rows": "full", "output_projections": "full"},
+    {"decoders": "full", "highway": "full"},
+    {"encoders": "full", "llm": "full", "decoders": "lora"},
+]
+
+
+@pytest.mark.parametrize("groups", SPECS, ids=lambda g: "+".join(f"{k}={v}" for k, v in g.items()))
+def test_gradients_reach_exactly_the_trainable_groups(model, groups):
+    counts = apply_trainability(model, TrainabilitySpec(groups))
+    model.zero_grad(set_to_none=True)
+    model(batch_of(model), ALL_LOSSES).loss.backward()
+    for group, params in group_parameters(model).items():
+        mode = groups.get(group, "frozen")
+        assert counts[group].mode == mode
+        trainable = [(n, p) for n, p in params if p.requires_grad]
+        assert counts[group].trainable == sum(p.numel() for _, p in trainable)
+        if mode == "frozen":
+            assert not trainable, group
+        else:
+            assert trainable, group
+            if mode == "lora":
+                assert all("lora_" in n for n, _ in trainable)
+            got = sum(float(p.grad.abs().sum()) for _, p in trainable if p.grad is not None)
+            assert got > 0, f"no gradient reached {group}"
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+
+
+def test_save_load_round_trip_is_exact(model, tmp_path):
+    apply_trainability(model, TrainabilitySpec({"llm": "lora", "output_projections": "full"}))
+    with torch.no_grad():  # make LoRA non-trivial so the round trip is a real test
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.eval()
+    batch = batch_of(model)
+    torch.manual_seed(1)
+    before = model(batch, LossWeights(lm=1, align=1, denoise=0)).losses
+    msgs = [Message("user", "hi", [MediaItem("image", media(model, "image"))])]
+    cfg = GenerationConfig(max_new_tokens=6, outputs=("image",), num_inference_steps=2)
+    answer = model.generate(msgs, cfg)
+    model.save_pretrained(tmp_path)
+    loaded = XVilaModel.from_pretrained(tmp_path).eval()
+    torch.manual_seed(1)
+    after = loaded(batch, LossWeights(lm=1, align=1, denoise=0)).losses
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    again = loaded.generate(msgs, cfg)
+    assert again.text == answer.text and torch.equal(again.media[0].data, answer.media[0].data)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_config_round_trips_through_json(config, tmp_path):
+    config.save(tmp_path / "c.json")
+    assert XVilaConfig.load(tmp_path / "c.json") == config
+    ref = XVilaConfig.reference()
+    ref.save(tmp_path / "r.json")
+    assert XVilaConfig.load(tmp_path / "r.json") == ref
+
+
+def test_reference_llm_size_on_meta_device():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ref = XVilaConfig.reference()
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(LlamaConfig(**ref.llm.architecture))
+    assert sum(p.numel() for p in llm.parameters()) == pytest.approx(6.74e9, rel=0.005)  # Vicuna-7B
+
+
+def test_clear_errors(model, config):
+    with pytest.raises(ValueError, match="unknown modality"):
+        XVilaConfig(encoder=config.encoder, llm=config.llm, decoders=config.decoders, gen_tokens={"smell": 4})
+    with pytest.raises(ValueError, match="no decoder"):
+        XVilaConfig(encoder=config.encoder, llm=config.llm, decoders=config.decoders.replace(audio=None))
+    with pytest.raises(ValueError, match="unknown component group"):
+        TrainabilitySpec({"vae": "full"})
+    with pytest.raises(ValueError, match="cannot use LoRA"):
+        TrainabilitySpec({"encoders": "lora"})
+    convs = training_conversations(model)
+    convs[0][1].media.pop()  # the audio run has no target
+    with pytest.raises(ValueError, match="audio generation run"):
+        model(collate(convs, model.tokenizer, model.config.llm.template), ALL_LOSSES)
+    with pytest.raises(ValueError, match="cannot generate"):
+        model.generate([Message("user", "x")], GenerationConfig(outputs=("smell",)))
+    with pytest.raises(ValueError, match="ends with a user message"):
+        model.generate([], GenerationConfig())
