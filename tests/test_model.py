@@ -175,3 +175,24 @@ def test_clear_errors(model, config):
         model.generate([Message("user", "x")], GenerationConfig(outputs=("smell",)))
     with pytest.raises(ValueError, match="ends with a user message"):
         model.generate([], GenerationConfig())
+
+
+def test_cached_features_give_the_same_losses(model):
+    from xvila.trainability import TrainabilitySpec, apply_trainability
+
+    apply_trainability(model, TrainabilitySpec({"output_projections": "full", "input_projections": "full"}))
+    batch = batch_of(model)
+    weights = LossWeights(lm=1, align=1, denoise=0)
+    torch.manual_seed(0)
+    plain = model(batch, weights).losses
+    with torch.no_grad():
+        batch.encoded = {m: model.encode(m, x) for m, x in batch.media.items()}
+        for m, t in batch.targets.items():
+            t.text_embeds = model.decoder(m).encode_text(t.captions)
+    torch.manual_seed(0)
+    cached = model(batch, weights).losses
+    for k in plain:
+        torch.testing.assert_close(plain[k], cached[k])
+    apply_trainability(model, TrainabilitySpec({"encoders": "full"}))
+    with pytest.raises(ValueError, match="encoder is being trained"):
+        model(batch, weights)

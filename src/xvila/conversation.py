@@ -9,7 +9,7 @@ target (caption and media) for the training losses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ class MediaItem:
     modality: str
     data: Tensor  # one item in the repo conventions: image (3,H,W), video (T,3,H,W), audio (S,)
     caption: str | None = None  # the target caption (for generated items: the alignment loss target)
+    key: str | None = None  # where the item came from (e.g. "clipkey/video"), for feature caches; None if unknown
 
     def __post_init__(self):
         m = get_modality(self.modality)
@@ -51,6 +52,7 @@ class GenerationTargets:
     media: Tensor  # (N, ...) one modality's items
     captions: list[str]
     guides: list[tuple[str, int] | None]  # the visual input (modality, item index) that guides each, for the highway
+    text_embeds: Tensor | None = None  # (N, Q, D_cond) cached decoder-text-encoder embeddings of the captions
 
 
 @dataclass
@@ -60,12 +62,21 @@ class Batch:
     labels: Tensor  # (B, L) IGNORE_INDEX outside answers
     media: dict[str, Tensor]  # modality -> (N, ...) input items in row-major order of their placeholders
     targets: dict[str, GenerationTargets]
+    encoded: dict[str, Any] | None = None  # modality -> cached EncoderOutput of ``media`` (frozen encoder only)
 
     def to(self, device) -> Batch:
+        def move(x):
+            return None if x is None else x.to(device)
+
+        encoded = None
+        if self.encoded is not None:
+            encoded = {m: type(e)(move(e.patch_embeds), move(e.pooled_embeds)) for m, e in self.encoded.items()}
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
             {m: x.to(device) for m, x in self.media.items()},
-            {m: GenerationTargets(t.media.to(device), t.captions, t.guides) for m, t in self.targets.items()},
+            {m: GenerationTargets(t.media.to(device), t.captions, t.guides, move(t.text_embeds))
+             for m, t in self.targets.items()},
+            encoded,
         )
 
 

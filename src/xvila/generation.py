@@ -110,7 +110,7 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
     generator = torch.Generator().manual_seed(config.seed)
 
     out = backbone(inputs_embeds=spliced.inputs_embeds, use_cache=True)
-    cache, last = out.past_key_values, out.last_hidden_state[:, -1]  # (1, D)
+    cache, last = out.cache, out.last_hidden_state[:, -1]  # (1, D)
     all_ids: list[int] = []
     pieces: list[list[int] | tuple[str, int]] = [[]]  # text id lists and (modality, index) markers
     runs: list[tuple[str, Tensor]] = []  # (modality, (K, D) hidden states)
@@ -136,8 +136,8 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
             step_ids = torch.tensor([[token]], device=device)
             pieces[-1].append(token)
         all_ids += step_ids[0].tolist()
-        out = backbone(inputs_embeds=embed(step_ids), past_key_values=cache, use_cache=True)
-        cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+        out = backbone(inputs_embeds=embed(step_ids), cache=cache, use_cache=True)
+        cache, last = out.cache, out.last_hidden_state[:, -1]
         if token in run_starts:
             runs.append((m, out.last_hidden_state[0]))
 

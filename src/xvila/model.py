@@ -90,6 +90,13 @@ class XVilaModel(nn.Module):
         self.trainability = None  # the TrainabilitySpec last applied (xvila.trainability.apply_trainability)
 
     # ------------------------------------------------------------------ components
+    def train(self, mode: bool = True) -> XVilaModel:
+        """A frozen encoder stays in eval mode (no drop-path), so its features are deterministic and cacheable."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.encoder.parameters()):
+            self.encoder.eval()
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
@@ -188,7 +195,16 @@ class XVilaModel(nn.Module):
     def forward(self, batch: Batch, weights: LossWeights | None = None) -> XVilaOutput:
         weights = weights or LossWeights()
         batch = batch.to(self.device)
-        encoded = {m: self.encode(m, x) for m, x in batch.media.items()}
+        if batch.encoded is not None:
+            if any(p.requires_grad for p in self.encoder.parameters()):
+                raise ValueError("the batch holds cached encoder features but the encoder is being trained: "
+                                 "turn the feature cache off for this phase")
+            if set(batch.encoded) != set(batch.media):
+                raise ValueError(f"cached features cover {sorted(batch.encoded)} but the batch holds "
+                                 f"{sorted(batch.media)}")
+            encoded = batch.encoded
+        else:
+            encoded = {m: self.encode(m, x) for m, x in batch.media.items()}
         spliced = self.embed(batch.input_ids, batch.attention_mask, encoded, batch.labels)
         hidden = self.llm.get_decoder()(
             inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask
@@ -213,8 +229,10 @@ class XVilaModel(nn.Module):
             cond = self.output_projections[m](gen_hidden)  # (N, Q, D_cond)
             decoder = self.decoder(m)
             if weights.active("align"):
-                with torch.no_grad():
-                    text_embeds = decoder.encode_text(targets.captions)
+                text_embeds = targets.text_embeds
+                if text_embeds is None:
+                    with torch.no_grad():
+                        text_embeds = decoder.encode_text(targets.captions)
                 losses[f"align/{m}"] = align_loss(cond, text_embeds)
             if weights.active("denoise"):
                 losses[f"denoise/{m}"] = decoder.denoising_loss(targets.media, cond)

@@ -130,6 +130,7 @@ def apply_trainability(model: nn.Module, spec: TrainabilitySpec) -> dict[str, Gr
         counts[group] = GroupCount(mode, sum(p.numel() for _, p in params if p.requires_grad),
                                    sum(p.numel() for _, p in params))
     model.trainability = spec
+    model.train(model.training)  # frozen components switch to eval mode (see XVilaModel.train)
     for group, c in counts.items():
         logger.info("%-19s %-6s %12d / %12d trainable", group, c.mode, c.trainable, c.total)
     return counts
