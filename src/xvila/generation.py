@@ -55,6 +55,7 @@ class Answer:
     text: str  # the answer, with a marker such as "<video 0>" where each generated item belongs
     media: list[GeneratedMedia] = field(default_factory=list)
     raw_text: str = ""  # the answer as the LLM wrote it (generation tokens included), for the history
+    token_ids: list[int] = field(default_factory=list)  # the answer's token ids (generation runs included)
 
     def as_message(self) -> Message:
         """The answer as an assistant message, to continue the conversation."""
@@ -146,7 +147,7 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
         tokenizer.decode(p, skip_special_tokens=True) if isinstance(p, list) else get_modality(p[0]).marker(p[1])
         for p in pieces
     ).strip()
-    return Answer(text, generated, tokenizer.decode(all_ids, skip_special_tokens=False))
+    return Answer(text, generated, tokenizer.decode(all_ids, skip_special_tokens=False), all_ids)
 
 
 def _decode_media(model, runs, encoded, guide, config, generator) -> list[GeneratedMedia]:
