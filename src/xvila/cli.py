@@ -49,11 +49,11 @@ def save_outputs(answer, out_dir: Path) -> list[dict]:
     from xvila.media import save_media
     from xvila.modalities import get_modality
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for item in answer.media:
         if item.data is None:
             continue
+        out_dir.mkdir(parents=True, exist_ok=True)
         suffix = get_modality(item.modality).suffixes[0]
         path = save_media(out_dir / f"{item.modality}_{item.index}{suffix}", item.modality, item.data)
         written.append({"modality": item.modality, "marker": item.marker, "path": str(path)})
@@ -86,6 +86,72 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = """Type a message; attach media by path with @, e.g. `what is this? @cat.png`.
+Generated media are saved and their paths printed. Commands: /reset (forget the conversation), /quit."""
+
+
+def parse_chat_line(model, line: str):
+    """Split a chat line into text and attached items (``@path`` words); raises CLIError for bad media."""
+    from xvila.modalities import modality_of_path
+
+    words, media = [], []
+    for word in line.split():
+        if word.startswith("@") and len(word) > 1:
+            try:
+                modality = modality_of_path(word[1:]).name
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+            media.append(input_item(model, word[1:], modality))
+        else:
+            words.append(word)
+    return " ".join(words), media
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from xvila.conversation import Message
+    from xvila.generation import GenerationConfig
+
+    model = load_model(args.model, args.seed)
+    out_dir = Path(args.out)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP)
+    history: list[Message] = []
+    turn = 0
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history, turn = [], 0
+            print("(conversation cleared)")
+            continue
+        try:
+            text, media = parse_chat_line(model, line)
+        except CLIError as e:
+            print(f"xvila: error: {e}", file=sys.stderr)
+            continue
+        if not text and not media:
+            continue
+        history.append(Message("user", text, media))
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed + turn,
+                                  num_inference_steps=args.steps)
+        answer = model.generate(history, config)
+        history.append(answer.as_message())
+        written = save_outputs(answer, out_dir / f"turn_{turn:03d}")
+        turn += 1
+        print(f"xvila> {answer.text}")
+        for w in written:
+            print(f"  {w['marker']}: {w['path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xvila", description="X-VILA: any-to-any text, image, video and audio")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -105,17 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print the answer and written files as JSON")
     g.set_defaults(func=cmd_generate)
+    from xvila.data.commands import register as register_data  # xvila data ... (light import)
+
+    register_data(sub)
+
+    c = sub.add_parser("chat", help="an interactive multi-turn conversation (attach media with @path)")
+    c.add_argument("--model", default=TINY_RANDOM, help=f"a saved model folder, or {TINY_RANDOM!r}")
+    c.add_argument("--out", default="chat_out", help="folder for generated media")
+    c.add_argument("--max-new-tokens", type=int, default=48)
+    c.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the decoder's)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_chat)
     return parser
-
-
-COMMANDS = {"generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except CLIError as e:
         print(f"xvila: error: {e}", file=sys.stderr)
         return 2
