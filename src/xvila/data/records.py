@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -72,13 +75,21 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class ShardWriter:
-    """Writes clips into ``shard-NNNNNN.tar`` files of ``shard_size`` clips and a manifest on :meth:`close`.
+    """Writes clips into ``shard-NNNNNN.tar`` files of ``shard_size`` clips, and the manifest.
 
-    Each shard is written to a temporary name and renamed when complete, so a crash never leaves a half shard
-    under a final name. Use as a context manager.
+    Each shard is written to a temporary name and renamed when complete, and the manifest is rewritten (atomically)
+    after every completed shard, so a crash never leaves a half shard under a final name and loses at most the
+    shard being written. Use as a context manager.
+
+    With ``append=True`` an existing dataset in ``out_dir`` is continued: its shards stay as they are, new clips go
+    to new shards numbered after them, keys already in the dataset are refused as duplicates (:attr:`keys` holds
+    them), and leftovers of an interrupted run (``*.tar.tmp`` files, shards the manifest does not list) are removed.
+    ``info`` must then match the existing manifest's info (or be None to keep it). Apart from removing such
+    leftovers, a writer that writes nothing leaves the directory untouched. :meth:`abort` drops the open shard.
     """
 
-    def __init__(self, out_dir: str | Path, shard_size: int = 1000, info: dict[str, Any] | None = None):
+    def __init__(self, out_dir: str | Path, shard_size: int = 1000, info: dict[str, Any] | None = None,
+                 append: bool = False):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.out_dir = Path(out_dir)
@@ -89,13 +100,43 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._keys: set[str] = set()
+        if append and (self.out_dir / MANIFEST).exists():
+            self._resume(info)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys of every clip in the dataset so far (earlier runs included when appending)."""
+        return frozenset(self._keys)
+
+    def _resume(self, info: dict[str, Any] | None) -> None:
+        manifest = read_manifest(self.out_dir)
+        if info is not None:
+            info = json.loads(json.dumps(info))  # as it reads back from the manifest (tuples become lists)
+        if info is not None and info != manifest["info"]:
+            changed = sorted(k for k in set(info) | set(manifest["info"]) if info.get(k) != manifest["info"].get(k))
+            raise ValueError(
+                f"{self.out_dir} holds a dataset written with other settings ({', '.join(changed)}: "
+                f"{[manifest['info'].get(k) for k in changed]} there, {[info.get(k) for k in changed]} now); "
+                "append with the same settings or write to a new directory"
+            )
+        self.info = manifest["info"]
+        self.shards = list(manifest["shards"])
+        listed = {s["name"] for s in self.shards}
+        for path in sorted(self.out_dir.glob("shard-*.tar*")):
+            if path.name not in listed and (path.name.endswith(".tar.tmp") or path.name.endswith(".tar")):
+                logger.info("removing %s: not in the manifest (left by an interrupted run)", path)
+                path.unlink()
+        for shard in self.shards:
+            with tarfile.open(self.out_dir / shard["name"], "r") as tar:
+                self._keys.update(name.partition(".")[0] for name in tar.getnames())
 
     def write(self, clip: AlignedClip) -> None:
         if clip.key in self._keys:
             raise ValueError(f"duplicate clip key {clip.key!r}")
-        self._keys.add(clip.key)
         if self._tar is None:
             self._open()
+        self._keys.add(clip.key)
+        self._open_keys.append(clip.key)
         meta = {"caption": clip.caption, "group": clip.group, "index": clip.index, "meta": clip.meta}
         files = {
             f"{clip.key}.json": json.dumps(meta, sort_keys=True).encode(),
@@ -113,25 +154,47 @@ class ShardWriter:
             self._finish()
 
     def _open(self) -> None:
-        self._name = f"shard-{len(self.shards):06d}.tar"
+        listed = {s["name"] for s in self.shards}
+        number = len(self.shards)
+        while f"shard-{number:06d}.tar" in listed:
+            number += 1
+        self._name = f"shard-{number:06d}.tar"
         self._tmp = self.out_dir / (self._name + ".tmp")
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
+        self._open_keys: list[str] = []
 
     def _finish(self) -> None:
         self._tar.close()
         self._tmp.rename(self.out_dir / self._name)
         self.shards.append({"name": self._name, "count": self._count})
         self._tar = None
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        manifest = {"format_version": FORMAT_VERSION, "num_clips": sum(s["count"] for s in self.shards),
+                    "shards": self.shards, "info": self.info}
+        text = json.dumps(manifest, indent=2) + "\n"
+        path = self.out_dir / MANIFEST
+        if path.exists() and path.read_text() == text:
+            return  # unchanged: leave the file (and its mtime) alone
+        tmp = self.out_dir / (MANIFEST + ".tmp")
+        tmp.write_text(text)
+        tmp.rename(path)
 
     def close(self) -> None:
         if self._tar is not None:
             self._finish()
-        manifest = {"format_version": FORMAT_VERSION, "num_clips": sum(s["count"] for s in self.shards),
-                    "shards": self.shards, "info": self.info}
-        tmp = self.out_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.rename(self.out_dir / MANIFEST)
+        else:
+            self._write_manifest()
+
+    def abort(self) -> None:
+        """Drop the shard being written (its clips are lost; completed shards and the manifest stay)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+            self._keys.difference_update(self._open_keys)
 
     def __enter__(self) -> ShardWriter:
         return self
