@@ -1,0 +1,258 @@
+"""Training configs: a recipe is a model, an output folder, a seed and a list of phases; a phase is data.
+
+Every field that changes what a phase does lives here, so that one loop (``xvila.train.loop``) runs every phase of
+X-VILA's recipe. The YAML files under ``recipes/`` map one to one onto these dataclasses (``xvila.train.recipe``
+reads them); the loop only ever sees the dataclasses.
+
+Batch sizes: ``PhaseConfig.batch_size`` is the micro-batch of ONE process; one optimizer step sees
+``batch_size * grad_accum * world_size`` samples (the global batch). The data order depends on the global batch
+only (see ``xvila.train.data``), so 1 process with ``grad_accum=2`` and 2 processes with ``grad_accum=1`` train on
+the same samples in the same order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from xvila.configuration import Config
+from xvila.losses import LossWeights
+from xvila.trainability import GROUPS, TrainabilitySpec
+
+OBJECTIVES = ("xvila", "foundation")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "bf16")
+NONFINITE = ("stop", "skip")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
+CLIPS_TASK = "clips"  # plain aligned clips for the foundation objective; other tasks: xvila.data.tasks.TASKS
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+@dataclass
+class DataSpec(Config):
+    """Where the samples come from and which tasks (``xvila.data.tasks.TASKS``) they are turned into."""
+
+    # "world:N": the first N scenes of the toy world's train split, rendered on the fly ("world:SPLIT:N" for another
+    # split); or a dataset folder written by `xvila data world` / `xvila data build` (manifest.json + tar shards)
+    source: str = "world:256"
+    # task -> sampling weight, e.g. {"image->text": 1, "text->video": 1} (xvila.data.tasks.TASKS_BY_PHASE lists
+    # each phase's); {"clips": 1} feeds the foundation objective aligned clips
+    tasks: dict[str, float] = field(default_factory=lambda: {"image->text": 1.0})
+    modalities: tuple[str, ...] | None = None  # media modalities the tasks may use; None: all the model has
+    max_length: int | None = None  # longest conversation in tokens (longer ones are an error, not truncated)
+    follow_ups: int = 0  # at most this many extra turns after an X-to-X conversation's first (phase 3)
+    max_context: int = 3  # "interleaved" shows at most this many earlier clips of the group
+    eval_source: str | None = None  # held-out data for eval; None: the same world's "val" split (world sources)
+    cache_features: bool = False  # cache frozen-encoder features and caption embeddings (xvila.data.cache)
+    cache_dir: str | None = None  # where the cache lives; None: <output_dir>/feature-cache
+
+    def __post_init__(self):
+        from xvila.data.tasks import TASKS
+
+        if not self.tasks:
+            raise ValueError("data.tasks is empty: name at least one task, e.g. {'image->text': 1.0}")
+        for task, weight in self.tasks.items():
+            if task not in TASKS and task != CLIPS_TASK:
+                raise ValueError(f"unknown data task {task!r}; tasks: {[CLIPS_TASK, *sorted(TASKS)]}")
+            if weight < 0:
+                raise ValueError(f"data task {task!r} has a negative weight {weight}")
+        if sum(self.tasks.values()) <= 0:
+            raise ValueError("data.tasks: at least one task needs a positive weight")
+        if CLIPS_TASK in self.tasks and len(self.tasks) > 1:
+            raise ValueError("data task 'clips' (foundation training) cannot be mixed with conversation tasks")
+        if self.follow_ups < 0 or self.max_context < 1:
+            raise ValueError(f"data: need follow_ups >= 0 and max_context >= 1, got {self.follow_ups}, "
+                             f"{self.max_context}")
+        if self.cache_features and self.wants_clips:
+            raise ValueError("data.cache_features: the foundation objective trains the encoders, nothing to cache")
+        parse_source(self.source)
+        if self.eval_source is not None:
+            parse_source(self.eval_source)
+
+    @property
+    def wants_clips(self) -> bool:
+        return CLIPS_TASK in self.tasks
+
+
+def parse_source(source: str) -> tuple[str, str | None, int | None]:
+    """("world", split, n) for a toy-world source, ("dir", None, None) for a dataset folder."""
+    if source.startswith("world:"):
+        parts = source.split(":")[1:]
+        split, n = ("train", parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
+        if len(parts) > 2 or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"data source {source!r}: write 'world:N' or 'world:SPLIT:N' with N >= 1")
+        from xvila.world import SPLITS
+
+        if split not in SPLITS:
+            raise ValueError(f"data source {source!r}: unknown split {split!r}; splits: {list(SPLITS)}")
+        return "world", split, int(n)
+    if not source:
+        raise ValueError("data source is empty: give 'world:N' or a dataset folder")
+    return "dir", None, None
+
+
+@dataclass
+class FoundationConfig(Config):
+    """Phase 0 (tiny models only): ImageBind-style contrastive training of the encoders and text->X training of the
+    decoders conditioned on their own text encoders. Used when ``PhaseConfig.objective == "foundation"``."""
+
+    contrastive: float = 1.0  # weight of the symmetric InfoNCE loss, averaged over ``pairs``
+    denoise: float = 1.0  # weight of the decoders' denoising loss on captioned media, averaged over ``decoders``
+    pairs: list[tuple[str, str]] = field(default_factory=lambda: [
+        ("image", "text"), ("video", "text"), ("audio", "text"), ("image", "video"), ("video", "audio")])
+    decoders: tuple[str, ...] | None = None  # output modalities trained text->X; None: all the model has
+    min_logit_scale: float = 10.0  # floor on the temperature (image/video have none of their own in ImageBind)
+
+    def __post_init__(self):
+        if self.contrastive < 0 or self.denoise < 0 or self.contrastive + self.denoise <= 0:
+            raise ValueError("foundation: contrastive and denoise weights must be >= 0, and one of them > 0")
+        known = ("image", "video", "audio", "text")
+        for a, b in self.pairs:
+            if a not in known or b not in known or a == b:
+                raise ValueError(f"foundation pair ({a}, {b}): use two different modalities of {list(known)}")
+        if self.contrastive > 0 and not self.pairs:
+            raise ValueError("foundation.contrastive > 0 needs at least one pair")
+
+
+@dataclass
+class OptimizerConfig(Config):
+    """AdamW over the trainable parameters, one parameter group per component group."""
+
+    lr: float = 1e-4
+    group_lr: dict[str, float] = field(default_factory=dict)  # component group -> its own learning rate
+    weight_decay: float = 0.0  # applied to matrices only (not to biases, norms or added token rows)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        for group, lr in self.group_lr.items():
+            if group not in GROUPS:
+                raise ValueError(f"optimizer.group_lr: unknown component group {group!r}; groups: {list(GROUPS)}")
+            if lr <= 0:
+                raise ValueError(f"optimizer.group_lr[{group!r}] must be > 0, got {lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class ScheduleConfig(Config):
+    """Linear warm-up from 0, then constant, linear or cosine decay to ``min_lr_ratio`` of the peak."""
+
+    kind: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule.kind {self.kind!r}; choose one of {list(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class PhaseConfig(Config):
+    """One phase of the recipe: what trains, on which losses and data, for how long."""
+
+    name: str
+    trainable: TrainabilitySpec
+    data: DataSpec = field(default_factory=DataSpec)
+    objective: str = "xvila"  # "xvila": the model's own losses; "foundation": see FoundationConfig
+    losses: LossWeights = field(default_factory=LossWeights)
+    foundation: FoundationConfig = field(default_factory=FoundationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4  # micro-batch per process
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still measured and logged)
+    precision: str = "no"  # "bf16": autocast to bfloat16 (CUDA, or CPUs with bf16 support)
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: none before the phase ends
+    keep_checkpoints: int = 2  # the newest this many are kept
+    log_every: int = 1
+    eval_every: int = 0  # optimizer steps between held-out evaluations; 0: none
+    eval_batches: int = 2
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    init: str | None = None  # a model folder to start from; None: the previous phase's output (or recipe.model)
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise ValueError(f"phase name {self.name!r}: use letters, digits, '-' and '_' (it names folders)")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"phase {self.name}: objective {self.objective!r}; choose one of {list(OBJECTIVES)}")
+        if self.objective == "foundation" and not self.data.wants_clips:
+            raise ValueError(f"phase {self.name}: the foundation objective trains on aligned clips: set "
+                             "data.tasks to {clips: 1.0}")
+        if self.objective == "xvila" and self.data.wants_clips:
+            raise ValueError(f"phase {self.name}: data task 'clips' feeds the foundation objective only")
+        if self.objective == "xvila" and not any(self.losses.active(n) for n in ("lm", "align", "denoise", "highway")):
+            raise ValueError(f"phase {self.name}: every loss weight is 0")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"phase {self.name}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ValueError(f"phase {self.name}: checkpoint_every and eval_every must be >= 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"phase {self.name}: max_grad_norm must be > 0 or null")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"phase {self.name}: precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"phase {self.name}: nonfinite {self.nonfinite!r}; choose one of {list(NONFINITE)}")
+        if not any(m != "frozen" for m in self.trainable.groups.values()):
+            raise ValueError(f"phase {self.name}: nothing is trainable; set trainable.groups, e.g. "
+                             "{input_projections: full}")
+
+
+@dataclass
+class DistributedConfig(Config):
+    """How several processes share the work. Used when the run is launched with torchrun / accelerate (the
+    ``WORLD_SIZE`` environment variable > 1); a single process ignores it."""
+
+    strategy: str = "ddp"  # "ddp": replicated weights; "fsdp": FSDP2 sharding (fully_shard); "deepspeed": GPU only
+    find_unused_parameters: bool = True  # phases skip parts of the model on some batches (e.g. no audio target)
+    backend: str | None = None  # None: nccl on CUDA, gloo on CPU
+    deepspeed_config: str | None = None  # a DeepSpeed JSON config (e.g. recipes/deepspeed/zero2.json)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"distributed.strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
+        if self.strategy == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("distributed.strategy 'deepspeed' needs deepspeed_config= a DeepSpeed JSON file")
+
+
+@dataclass
+class RecipeConfig(Config):
+    """A whole training run: phases run one after another, each starting from the previous one's weights."""
+
+    phases: list[PhaseConfig]
+    model: str | dict[str, Any] = "tiny"  # "tiny" (random tiny model), a saved model folder, or an XVilaConfig dict
+    output_dir: str = "runs/xvila"
+    seed: int = 0
+    device: str = "auto"  # "auto": this process's CUDA device if there is one, else the CPU; or "cpu", "cuda"
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        if not self.phases:
+            raise ValueError("a recipe needs at least one phase")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        if isinstance(self.model, dict):
+            from xvila.config import XVilaConfig
+
+            XVilaConfig.from_dict(self.model)  # fail now, not after the first phases ran
+        elif not self.model:
+            raise ValueError("recipe.model is empty: give 'tiny', a saved model folder or an XVilaConfig mapping")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"recipe.device {self.device!r}; choose 'auto', 'cpu' or 'cuda'")
+
+    def phase_index(self, name: str) -> int:
+        for i, phase in enumerate(self.phases):
+            if phase.name == name:
+                return i
+        raise ValueError(f"no phase named {name!r}; phases: {[p.name for p in self.phases]}")

@@ -1,0 +1,227 @@
+"""The trainer's data adapter: a :class:`DataSpec` -> an endless, rank-sharded stream of micro-batches.
+
+A thin layer over ``xvila.data``: aligned clips come from a dataset folder (``xvila data world`` / ``xvila data
+build``) or from the toy world rendered on the fly (``world:N``, the same clips ``xvila.data.world`` writes); the
+conversations are ``xvila.data.tasks``' (``TASKS``, drawn by ``choose_task`` from the phase's mixture), batched by
+``xvila.conversation.collate``; ``xvila.data.cache.FeatureCache`` attaches frozen-encoder features and caption
+embeddings. The foundation objective reads plain aligned clips instead (:class:`ClipBatch`, task ``"clips"``).
+
+What this module adds is the order, chosen for training: sample ``i`` of the global stream is a pure function of
+``(seed, i)`` (its clip is entry ``i mod n`` of a permutation drawn per epoch, its task and conversation are drawn
+from ``(seed, i)``). Rank ``r`` of ``W`` processes reads, at its micro-step ``u``, the global micro-slot
+``j = u * W + r`` made of samples ``[j * B, (j + 1) * B)``. One optimizer step with gradient accumulation ``A``
+covers micro-steps ``[s * A, (s + 1) * A)`` on every rank, so
+
+- the micro-batches of step ``s`` depend only on the global batch ``B * A * W``: 1 process with ``A = 2`` and 2
+  processes with ``A = 1`` train on the same micro-batches (``xvila.data.loader.Loader``'s rank-strided epochs
+  would give the same samples per step but other micro-batches);
+- a checkpoint's data position is its step, and resuming jumps there in O(1), without replaying the epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xvila.conversation import Batch, collate
+from xvila.data.records import AlignedClip
+from xvila.train.config import DataSpec, parse_source
+
+MEDIA = ("image", "video", "audio")
+WORLD_GROUP_SIZE = 4  # consecutive world scenes form one "long video" (as ``xvila data world`` writes them)
+
+
+@dataclass
+class ClipBatch:
+    """Aligned clips for the foundation objective: item b of every modality and captions[b] show one scene."""
+
+    media: dict[str, Tensor]  # image (B, 3, H, W), video (B, T, 3, H, W), audio (B, S)
+    captions: list[str]
+
+    def to(self, device) -> ClipBatch:
+        return ClipBatch({m: x.to(device) for m, x in self.media.items()}, self.captions)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+# ----------------------------------------------------------------------------------------------------- sources
+class ClipSource:
+    """Random access to aligned clips and to the earlier clips of each clip's group (for ``interleaved``)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def clip(self, index: int) -> AlignedClip:
+        raise NotImplementedError
+
+    def window(self, index: int, max_context: int) -> list[AlignedClip]:
+        """At most ``max_context`` earlier clips of the clip's group, in order, then the clip itself."""
+        raise NotImplementedError
+
+
+class WorldClips(ClipSource):
+    """Scenes ``0..n-1`` of a toy-world split, rendered on first use and kept (a 32x32 clip is ~35 kB)."""
+
+    def __init__(self, split: str, n: int):
+        from xvila.world import WorldConfig
+
+        self.split, self.n, self.config = split, n, WorldConfig()
+        self.clip = functools.lru_cache(maxsize=8192)(self._render)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _render(self, index: int) -> AlignedClip:
+        from xvila.data.world import sample_clip
+        from xvila.world import split_sample
+
+        sample = split_sample(self.split, index, self.config)
+        return sample_clip(sample, self.split, index, self.config, WORLD_GROUP_SIZE)
+
+    def window(self, index: int, max_context: int) -> list[AlignedClip]:
+        first = max(index - index % WORLD_GROUP_SIZE, index - max_context)
+        return [self.clip(i) for i in range(first, index + 1)]
+
+
+class FolderClips(ClipSource):
+    """Every clip of one or more dataset folders (``xvila.data.records``), read once into memory."""
+
+    def __init__(self, folder: str | Path):
+        from xvila.data.records import read_clips
+
+        self.clips = list(read_clips(folder))
+        if not self.clips:
+            raise ValueError(f"dataset {folder} holds no clips")
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(self.clips):
+            if c.group:
+                groups.setdefault(c.group, []).append(i)
+        self.earlier: list[list[int]] = [[] for _ in self.clips]
+        for members in groups.values():
+            members.sort(key=lambda i: self.clips[i].index)
+            for j, i in enumerate(members):
+                self.earlier[i] = members[:j]
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def clip(self, index: int) -> AlignedClip:
+        return self.clips[index]
+
+    def window(self, index: int, max_context: int) -> list[AlignedClip]:
+        return [self.clips[i] for i in self.earlier[index][-max_context:]] + [self.clips[index]]
+
+
+@functools.lru_cache(maxsize=8)
+def open_source(source: str) -> ClipSource:
+    kind, split, n = parse_source(source)
+    return WorldClips(split, n) if kind == "world" else FolderClips(source)
+
+
+def eval_source_of(spec: DataSpec) -> str:
+    if spec.eval_source is not None:
+        return spec.eval_source
+    kind, _, n = parse_source(spec.source)
+    if kind != "world":
+        raise ValueError(f"eval needs data.eval_source for the dataset folder {spec.source}")
+    return f"world:val:{min(n, 64)}"
+
+
+# ----------------------------------------------------------------------------------------------------- samples
+def task_spec(spec: DataSpec, model):
+    """``xvila.data.tasks.TaskSpec`` of the model, restricted to ``spec.modalities``."""
+    from xvila.data.tasks import TaskSpec
+
+    full = TaskSpec.from_model(model, follow_ups=spec.follow_ups, max_context=spec.max_context)
+    allowed = set(spec.modalities or MEDIA)
+    return full.replace(inputs=tuple(m for m in full.inputs if m in allowed),
+                        gen_tokens={m: k for m, k in full.gen_tokens.items() if m in allowed})
+
+
+class SampleStream:
+    """Sample index -> a conversation (or an aligned clip for task "clips"), a pure function of ``(seed, index)``."""
+
+    def __init__(self, spec: DataSpec, source: ClipSource, model, seed: int):
+        from xvila.data.tasks import check_mixture
+
+        self.spec, self.source, self.seed = spec, source, seed
+        self.clips_only = spec.wants_clips
+        self.task_spec = task_spec(spec, model)
+        # sorted: the data must not depend on the order a YAML or JSON file happens to list the tasks in
+        self.mixture = {} if self.clips_only else check_mixture(dict(sorted(spec.tasks.items())), self.task_spec)
+
+    def clip_index(self, i: int) -> int:
+        """A fresh permutation of the clips every epoch, so each epoch sees each clip once."""
+        n = len(self.source)
+        return int(_permutation(self.seed, i // n, n)[i % n])
+
+    def sample(self, i: int):
+        """A conversation (list of messages), or (caption, media) of one aligned clip for task "clips"."""
+        from xvila.data.tasks import TASKS, choose_task, clip_tensor, fit_media
+
+        if self.clips_only:
+            clip = self.source.clip(self.clip_index(i))
+            shapes = self.task_spec.input_shapes
+            media = {m: fit_media(m, clip_tensor(clip, m), shapes.get(m)) for m in MEDIA}
+            return clip.caption, media
+        rng = np.random.default_rng([self.seed, i])
+        n = len(self.source)
+        for k in range(n):  # the first clip (from i on) that some task of the mixture applies to
+            window = self.source.window(self.clip_index(i + k), self.task_spec.max_context)
+            task = choose_task(self.mixture, window, rng, self.task_spec)
+            if task is not None:
+                return TASKS[task](window, rng, self.task_spec)
+        raise ValueError(f"no task of the mixture {sorted(self.mixture)} applies to any clip of {self.spec.source}")
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 1 << 20, epoch]).permutation(n)
+
+
+# ------------------------------------------------------------------------------------------------ the stream
+def make_batch(stream: SampleStream, indices: range, model, cache=None) -> Batch | ClipBatch:
+    samples = [stream.sample(i) for i in indices]
+    if stream.clips_only:
+        return ClipBatch({m: torch.stack([media[m] for _, media in samples]) for m in MEDIA},
+                         [caption for caption, _ in samples])
+    batch = collate(samples, model.tokenizer, model.config.llm.template, stream.spec.max_length)
+    if cache is not None:
+        from xvila.data.cache import media_keys
+
+        batch = cache.attach(batch, media_keys(samples))
+    return batch
+
+
+def make_batches(spec: DataSpec, model, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start: int = 0, source: str | None = None, cache=None) -> Iterator[Batch | ClipBatch]:
+    """This rank's micro-batches from its micro-step ``start`` on (see the module docstring), forever.
+
+    ``cache``: an ``xvila.data.cache.FeatureCache`` that attaches frozen-encoder features and caption embeddings.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    stream = SampleStream(spec, open_source(source or spec.source), model, seed)
+    u = start
+    while True:
+        j = micro_slot(u, rank, world_size)
+        yield make_batch(stream, range(j * batch_size, (j + 1) * batch_size), model, cache)
+        u += 1
+
+
+def micro_slot(micro_step: int, rank: int, world_size: int) -> int:
+    """The global micro-slot a rank reads at a micro-step (also seeds that micro-batch's randomness)."""
+    return micro_step * world_size + rank
+
+
+def output_modalities(spec: DataSpec, model) -> tuple[str, ...]:
+    """Output modalities whose decoders this data may ask for: the model's, within ``spec.modalities``."""
+    allowed = set(spec.modalities or MEDIA)
+    return tuple(m for m in model.config.output_modalities if m in allowed)

@@ -1,0 +1,153 @@
+"""What a phase minimises, as a module the distributed wrapper can hold: ``objective(batch) -> StepOutput``.
+
+- :class:`XVilaObjective`: the model's own losses (``lm``, ``align``, ``denoise``, ``highway``), phases 1-3;
+- :class:`FoundationObjective`: phase 0 for tiny models, which the model's forward does not compute:
+  ImageBind-style symmetric InfoNCE between the encoder's embeddings of aligned image / video / audio / caption,
+  and text->X denoising of each decoder conditioned on its own (frozen) text encoder.
+
+An objective holds only the parts of the model it uses, so the distributed wrapper (DDP / FSDP) sees and syncs
+those and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xvila.conversation import Batch
+from xvila.losses import LossWeights
+from xvila.train.config import FoundationConfig, PhaseConfig
+from xvila.train.data import MEDIA, ClipBatch
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # the weighted total this micro-batch backpropagates
+    losses: dict[str, Tensor]  # every named part, detached (for logging)
+
+
+class XVilaObjective(nn.Module):
+    def __init__(self, model: nn.Module, weights: LossWeights):
+        super().__init__()
+        self.model = model
+        self.weights = weights
+
+    @staticmethod
+    def model_key(key: str) -> str:
+        """This objective's state-dict key -> the model's."""
+        return key.removeprefix("model.")
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The LLM's decoder layers: every batch runs them (encoders, projections and decoders depend on the data)."""
+        return [m for m in self.model.llm.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+    def forward(self, batch: Batch) -> StepOutput:
+        out = self.model(batch, self.weights)
+        return StepOutput(out.loss, {k: v.detach() for k, v in out.losses.items()})
+
+
+class FoundationObjective(nn.Module):
+    """Contrastive encoder training and text->X decoder training on aligned clips (:class:`ClipBatch`)."""
+
+    def __init__(self, model: nn.Module, config: FoundationConfig, decoders: tuple[str, ...]):
+        super().__init__()
+        self.config = config
+        self.encoder = model.encoder  # shared with the model, not copied
+        self.decoders = nn.ModuleDict({m: model.decoder(m) for m in decoders} if config.denoise > 0 else {})
+        self.pairs = [tuple(p) for p in config.pairs] if config.contrastive > 0 else []
+        used = {m for pair in self.pairs for m in pair}
+        missing = used - set(self.encoder.modalities)
+        if missing:
+            raise ValueError(f"foundation pairs use {sorted(missing)} but the encoder has no such tower; its "
+                             f"modalities: {list(self.encoder.modalities)}")
+        self.text_tokenizer = None
+        if "text" in used:
+            from xvila.text import build_tokenizer
+
+            text = self.encoder.config.text
+            self.text_tokenizer = build_tokenizer(vocab_size=text.vocab_size, model_max_length=text.context_length)
+            if self.text_tokenizer.eos_token_id != text.eos_token_id:
+                raise ValueError(f"the encoder's text tower ends captions with token {text.eos_token_id}, but the "
+                                 f"built-in tokenizer's end token is {self.text_tokenizer.eos_token_id}: foundation "
+                                 "training of a text tower is for tiny encoders (drop the text pairs otherwise)")
+
+    @staticmethod
+    def model_key(key: str) -> str:
+        return key  # "encoder.*", "decoders.<m>.*": the model's own names
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Every batch holds every modality, so every encoder block of a used tower and every decoder UNet runs."""
+        from xvila.encoders.imagebind import Block
+
+        towers = {"image": "vision", "video": "vision", "audio": "audio", "text": "text"}
+        used = {towers[m] for pair in self.pairs for m in pair}
+        blocks = [b for t in used for b in self.encoder.modality_trunks[t].modules() if isinstance(b, Block)]
+        return blocks + [d.denoiser for d in self.decoders.values()]
+
+    def text_ids(self, captions: list[str], device) -> Tensor:
+        """Captions -> (B, L) ids for the encoder's text tower: truncated, ended with the end token, padded."""
+        text = self.encoder.config.text
+        ids = [x[: text.context_length - 1] + [text.eos_token_id]
+               for x in self.text_tokenizer(captions, add_special_tokens=False).input_ids]
+        out = torch.full((len(ids), max(map(len, ids))), self.text_tokenizer.pad_token_id, dtype=torch.long)
+        for row, x in enumerate(ids):
+            out[row, : len(x)] = torch.tensor(x)
+        return out.to(device)
+
+    def forward(self, batch: ClipBatch) -> StepOutput:
+        losses: dict[str, Tensor] = {}
+        if self.pairs:
+            used = {m for pair in self.pairs for m in pair}
+            embeds = {m: self.encoder(m, batch.media[m]).pooled_embeds for m in MEDIA if m in used}  # (B, E)
+            if "text" in used:
+                embeds["text"] = self.encoder("text", self.text_ids(batch.captions, batch.media["image"].device)
+                                              ).pooled_embeds
+            for a, b in self.pairs:
+                scale = torch.stack([self.encoder.logit_scale(a), self.encoder.logit_scale(b)]).max()
+                scale = scale.clamp(min=self.config.min_logit_scale)
+                losses[f"contrastive/{a}-{b}"] = info_nce(embeds[a], embeds[b], scale)
+            losses["contrastive"] = torch.stack([losses[f"contrastive/{a}-{b}"] for a, b in self.pairs]).mean()
+        for m, decoder in self.decoders.items():
+            with torch.no_grad():
+                cond = decoder.encode_text(batch.captions)  # (B, Q, D_cond) from the frozen text encoder
+            losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], cond)
+        if self.decoders:
+            losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
+        parts = [w * losses[n] for n, w in (("contrastive", self.config.contrastive), ("denoise", self.config.denoise))
+                 if n in losses]
+        return StepOutput(torch.stack(parts).sum(), {k: v.detach() for k, v in losses.items()})
+
+
+def info_nce(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
+    """a, b (B, E) unit embeddings of B aligned pairs: symmetric cross-entropy of ``scale * a @ b.T`` (CLIP)."""
+    logits = scale * a.float() @ b.float().t()  # (B, B), the diagonal holds the positives
+    target = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def build_objective(model: nn.Module, phase: PhaseConfig, decoders: tuple[str, ...]) -> nn.Module:
+    if phase.objective == "foundation":
+        return FoundationObjective(model, phase.foundation, decoders)
+    return XVilaObjective(model, phase.losses)
+
+
+def needed_decoders(model: nn.Module, phase: PhaseConfig) -> tuple[str, ...]:
+    """Output modalities whose decoders this phase's losses run (the others are never built)."""
+    from xvila.train.data import output_modalities
+
+    outputs = model.config.output_modalities
+    if phase.objective == "foundation":
+        if phase.foundation.denoise <= 0:
+            return ()
+        wanted = phase.foundation.decoders or outputs
+        unknown = set(wanted) - set(outputs)
+        if unknown:
+            raise ValueError(f"foundation.decoders names {sorted(unknown)}, not output modalities of the model "
+                             f"({list(outputs)})")
+        return tuple(m for m in outputs if m in wanted)
+    if not any(phase.losses.active(n) for n in ("align", "denoise", "highway")):
+        return ()
+    return output_modalities(phase.data, model)

@@ -1,0 +1,146 @@
+"""The smoke recipe end to end through the CLI function: every phase runs 2 steps, changes exactly the parameters of
+its trainable groups, keeps frozen parts out of the optimizer and unused decoders out of memory, and reports."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from xvila.config import XVilaConfig
+from xvila.model import XVilaModel
+from xvila.train import loop
+from xvila.train.cli import run_cli
+from xvila.train.loop import derive_seed, seed_everything
+from xvila.train.recipe import read_recipe
+from xvila.trainability import group_parameters
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run recipes/smoke.yaml once; record, per phase, the decoders built and the optimizer's parameters."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    seen = []
+    build_optimizer = loop.build_optimizer
+
+    def recording(model, config, **kwargs):
+        optimizer = build_optimizer(model, config, **kwargs)
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        seen.append({"decoders": sorted(model.decoders),
+                     "frozen_in_optimizer": [n for n, p in model.named_parameters()
+                                             if id(p) in in_optimizer and not p.requires_grad],
+                     "trainable_missing": [n for n, p in model.named_parameters()
+                                           if p.requires_grad and id(p) not in in_optimizer]})
+        return optimizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "build_optimizer", recording)
+        rc = run_cli([str(SMOKE), f"output_dir={out}", "--no-progress"])
+    return {"rc": rc, "out": out, "recipe": read_recipe(SMOKE, [f"output_dir={out}"]), "seen": seen}
+
+
+def test_smoke_runs_every_phase_and_reports(smoke, capsys):
+    assert smoke["rc"] == 0
+    out, recipe = smoke["out"], smoke["recipe"]
+    for phase in recipe.phases:
+        summary = json.loads((out / f"phase-{phase.name}" / "train_summary.json").read_text())
+        assert summary["steps"] == phase.steps and summary["samples_per_s"] > 0 and summary["final_losses"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert len(steps) == sum(p.steps for p in recipe.phases)
+    for r in steps:
+        assert {"loss", "losses", "lr", "grad_norm", "samples_per_s"} <= set(r) and r["lr"]
+    assert [r["phase"] for r in records if r["event"] == "summary"] == [p.name for p in recipe.phases]
+    foundation = next(r for r in steps if r["phase"] == "foundation")
+    assert {"contrastive/image-text", "contrastive/video-audio", "denoise/image", "denoise/audio"} <= set(
+        foundation["losses"])
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_frozen_parts_stay_out_of_the_optimizer_and_unused_decoders_out_of_memory(smoke):
+    assert len(smoke["seen"]) == len(smoke["recipe"].phases)
+    for phase, seen in zip(smoke["recipe"].phases, smoke["seen"]):
+        assert seen["frozen_in_optimizer"] == [] and seen["trainable_missing"] == [], phase.name
+    by_name = {p.name: s["decoders"] for p, s in zip(smoke["recipe"].phases, smoke["seen"])}
+    assert by_name["interleaved"] == []  # lm loss only: no decoder is ever built
+    assert by_name["foundation"] == ["audio", "image", "video"]
+
+
+def start_model(smoke, index):
+    recipe = smoke["recipe"]
+    if index == 0:  # the seeded tiny model the loop builds
+        seed_everything(derive_seed(recipe.seed, 0))
+        model = XVilaModel(XVilaConfig.tiny())
+    else:
+        model = XVilaModel.from_pretrained(smoke["out"] / f"phase-{recipe.phases[index - 1].name}")
+    model.load_decoders()
+    return model
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_each_phase_changes_exactly_its_trainable_groups(smoke, index):
+    phase = smoke["recipe"].phases[index]
+    before = dict(start_model(smoke, index).named_parameters())
+    after_model = XVilaModel.from_pretrained(smoke["out"] / f"phase-{phase.name}")
+    after_model.load_decoders()
+    group_of = {n: g for g, named in group_parameters(after_model).items() for n, _ in named}
+    changed_groups = set()
+    for name, param in after_model.named_parameters():
+        old = before.get(name.replace(".base_layer.", "."), before.get(name))  # LoRA wraps its base layer
+        if old is None:  # LoRA adapters injected by this phase
+            assert "lora_" in name and phase.trainable.mode(group_of[name]) == "lora", name
+            if "lora_B" in name and param.abs().sum() > 0:  # B starts at zero
+                changed_groups.add(group_of[name])
+            continue
+        changed = not torch.equal(param, old)
+        group = group_of.get(name)  # None: a decoder's VAE / text encoder / vocoder, always frozen
+        mode = phase.trainable.mode(group) if group else "frozen"
+        trainable = mode == "full" or (mode == "lora" and "lora_" in name)
+        if changed:
+            assert trainable, f"phase {phase.name}: frozen parameter {name} ({group}) changed"
+            changed_groups.add(group)
+    assert changed_groups == {g for g, m in phase.trainable.groups.items() if m != "frozen"}, phase.name
+
+
+def test_bf16_activation_checkpointing_accumulation_and_eval(tmp_path):
+    """The speed and memory options run together and stay finite; eval reads held-out batches."""
+    from xvila.train.loop import train
+
+    recipe = read_recipe(SMOKE, [f"output_dir={tmp_path}", "phases.interleaved.precision=bf16",
+                                 "phases.interleaved.activation_checkpointing=true", "phases.interleaved.grad_accum=2",
+                                 "phases.interleaved.eval_every=1", "phases.interleaved.eval_batches=1"])
+    (summary,) = train(recipe, phase="interleaved", init=_tiny_dir(tmp_path))
+    assert summary.final_step == 2 and all(v == v for v in summary.final_losses.values())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["losses"]["loss"] > 0 for r in evals)
+
+
+def _tiny_dir(tmp_path):
+    seed_everything(0)
+    XVilaModel(XVilaConfig.tiny()).save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_feature_cache_gives_the_same_losses(tmp_path):
+    """data.cache_features attaches frozen-encoder features and caption embeddings: same numbers, fewer passes."""
+    from test_train_checkpoint import recipe_dict, steps_of
+
+    from xvila.train.loop import train
+    from xvila.train.recipe import recipe_from_dict
+
+    runs = {}
+    for name, cached in (("plain", False), ("cached", True)):
+        data = {"source": "world:8", "tasks": {"image->text": 1.0, "text->image": 1.0}, "modalities": ["image"],
+                "cache_features": cached}
+        train(recipe_from_dict(recipe_dict(tmp_path / name, steps=2, checkpoint_every=0, data=data)))
+        runs[name] = steps_of(tmp_path / name)
+    for step in (1, 2):
+        assert runs["cached"][step]["loss"] == pytest.approx(runs["plain"][step]["loss"], rel=1e-5)
+    assert list((tmp_path / "cached" / "feature-cache").rglob("*.safetensors"))

@@ -1,0 +1,122 @@
+"""Recipes: every YAML file under recipes/ loads against the dataclasses; overrides; validation; schedules."""
+
+from pathlib import Path
+
+import pytest
+
+from xvila.train.config import DataSpec, PhaseConfig, RecipeConfig, ScheduleConfig
+from xvila.train.loop import lr_factor
+from xvila.train.recipe import RecipeError, apply_overrides, read_recipe
+from xvila.trainability import TrainabilitySpec
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert {p.name for p in RECIPES} >= {"smoke.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    recipe = read_recipe(path)
+    assert isinstance(recipe, RecipeConfig) and recipe.phases
+    assert RecipeConfig.from_dict(recipe.to_dict()) == recipe  # what runs write next to checkpoints reads back
+
+
+def test_smoke_recipe_covers_every_phase_kind():
+    recipe = read_recipe(RECIPES[[p.name for p in RECIPES].index("smoke.yaml")])
+    assert [p.objective for p in recipe.phases] == ["foundation"] + ["xvila"] * 4
+    assert recipe.phases[2].losses.align == 0 and recipe.phases[4].losses.highway > 0
+    assert all(p.steps <= 3 for p in recipe.phases)
+
+
+def test_overrides_by_index_name_and_new_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("""
+phases:
+  - name: a
+    trainable: {groups: {input_projections: full}}
+  - name: b
+    trainable: {groups: {output_projections: full}}
+""")
+    recipe = read_recipe(path, ["seed=3", "phases.1.steps=5", "phases.a.optimizer.lr=3e-4",
+                                "phases.b.trainable.groups.llm=lora", "phases.0.data.tasks={text->video: 2}",
+                                "distributed.strategy=fsdp", "phases.-1.batch_size=7"])
+    assert recipe.seed == 3 and recipe.distributed.strategy == "fsdp"
+    assert recipe.phases[1].steps == 5 and recipe.phases[1].batch_size == 7
+    assert recipe.phases[0].optimizer.lr == 3e-4
+    assert recipe.phases[1].trainable.groups == {"output_projections": "full", "llm": "lora"}
+    assert recipe.phases[0].data.tasks == {"text->video": 2}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("phases.5.steps=1", "out of range"),
+    ("phases.nope.steps=1", "no item named"),
+    ("seed", "key=value"),
+    ("phases.0.steps=0", "steps must be >= 1"),
+    ("phases.0.stepz=3", "unknown field"),
+    ("phases.0.trainable.groups.llm=half", "unknown mode"),
+    ("phases.0.data.tasks={dance: 1}", "unknown data task"),
+    ("phases.0.objective=foundation", "aligned clips"),
+    ("phases.0.name.x=1", "is a value"),
+    ("phases.0.steps=five", "phases.0.steps must be int"),
+    ("seed={a: 1}", "seed must be int"),
+])
+def test_bad_overrides_say_what_is_wrong(tmp_path, override, message):
+    path = tmp_path / "r.yaml"
+    path.write_text("phases:\n  - {name: a, trainable: {groups: {input_projections: full}}}\n")
+    with pytest.raises(RecipeError, match=message):
+        read_recipe(path, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        read_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        read_recipe(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("phases: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        read_recipe(tmp_path / "bad.yaml")
+
+
+def test_overrides_do_not_touch_the_input():
+    data = {"phases": [{"name": "a"}]}
+    apply_overrides(data, ["phases.0.steps=2"])
+    assert data == {"phases": [{"name": "a"}]}
+
+
+def test_phase_validation():
+    spec = TrainabilitySpec({"input_projections": "full"})
+    with pytest.raises(ValueError, match="nothing is trainable"):
+        PhaseConfig(name="a", trainable=TrainabilitySpec({}))
+    with pytest.raises(ValueError, match="phase name"):
+        PhaseConfig(name="a b", trainable=spec)
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        DataSpec(tasks={"clips": 1, "image->text": 1})
+    with pytest.raises(ValueError, match="world:N"):
+        DataSpec(source="world:x")
+    with pytest.raises(ValueError, match="unique"):
+        RecipeConfig(phases=[PhaseConfig(name="a", trainable=spec)] * 2)
+
+
+def test_schedules():
+    cosine = ScheduleConfig(kind="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    factors = [lr_factor(cosine, 10, s) for s in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))  # decays after warm-up
+    assert factors[-1] == pytest.approx(0.1)
+    linear = ScheduleConfig(kind="linear", min_lr_ratio=0.0)
+    assert [lr_factor(linear, 4, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_factor(ScheduleConfig(kind="constant"), 4, 3) == 1.0
+
+
+def test_xvila_train_command_reports_user_errors_in_one_line(tmp_path, capsys):
+    from xvila.cli import main
+
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["train", str(RECIPES[0]), "phases.0.steps=0"]) == 2
+    assert main(["train"]) == 2  # neither a recipe nor --resume
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("xvila: error:") for line in err)
+    assert "not found" in err[0] and "steps must be >= 1" in err[1] and "--resume" in err[2]
