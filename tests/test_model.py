@@ -255,3 +255,15 @@ def test_reference_model_wires_up_on_the_meta_device():
     for m, proj in ref.output_projections.items():
         assert proj.cond_shape == ref.decoders[m].cond_shape
     assert set(ref.highways) == {"image", "video"}
+
+
+def test_saving_a_loaded_model_copies_unbuilt_decoders(model, tmp_path):
+    model.eval().save_pretrained(tmp_path / "a")
+    loaded = XVilaModel.from_pretrained(tmp_path / "a")
+    loaded.save_pretrained(tmp_path / "b")
+    assert len(loaded.decoders) == 0  # nothing was built just to be saved
+    again = XVilaModel.from_pretrained(tmp_path / "b")
+    again.load_decoders()
+    model.load_decoders()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name

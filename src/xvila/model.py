@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,10 +274,24 @@ class XVilaModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> None:
-        """Config JSON, tokenizer, and one safetensors file per component. Loads every decoder first."""
+        """Config JSON, tokenizer, and one safetensors file per component.
+
+        A decoder that was never built is copied file by file from the folder this model was loaded from (no
+        decoder is built just to be saved); a model built from scratch builds its decoders to save them.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.load_decoders()
+        unbuilt = [m for m in self.config.output_modalities if m not in self.decoders]
+        if self._weights_dir is not None and self._weights_dir.resolve() != directory.resolve():
+            for m in unbuilt:
+                for name in (f"decoder-{m}.safetensors", f"highway-{m}.safetensors", f"tokenizer-{m}"):
+                    source = self._weights_dir / name
+                    if source.is_dir():
+                        shutil.copytree(source, directory / name, dirs_exist_ok=True)
+                    elif source.exists():
+                        shutil.copy2(source, directory / name)
+        elif self._weights_dir is None:
+            self.load_decoders()
         self.config.save(directory / CONFIG_FILE)
         (directory / ADAPTERS_FILE).write_text(json.dumps(self.adapters, indent=2, sort_keys=True) + "\n")
         self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
