@@ -157,31 +157,44 @@ def collate(
         labels[row, : len(ids)] = torch.tensor(labs)
         attention_mask[row, : len(ids)] = 1
 
-    inputs: dict[str, list[Tensor]] = {}
-    outputs: dict[str, list[MediaItem]] = {}
-    guides: dict[str, list[tuple[str, int] | None]] = {}
+    gathered = gather_media(conversations)
+    for items in gathered.outputs.values():
+        for item in items:
+            if item.caption is None:
+                raise ValueError(f"a generated {item.modality} item needs its caption as training target")
+    media = {m: _stack(m, xs) for m, xs in gathered.inputs.items()}
+    targets = {
+        m: GenerationTargets(_stack(m, [it.data for it in items]), [it.caption for it in items], gathered.guides[m])
+        for m, items in gathered.outputs.items()
+    }
+    return Batch(input_ids, attention_mask, labels, media, targets)
+
+
+@dataclass
+class GatheredMedia:
+    inputs: dict[str, list[Tensor]]  # modality -> user items, in row-major order of their placeholders
+    outputs: dict[str, list[MediaItem]]  # modality -> assistant items, in row-major order of their runs
+    guides: dict[str, list[tuple[str, int] | None]]  # per output: the latest visual input (modality, index) before it
+    last_visual: list[tuple[str, int] | None]  # per conversation: its latest visual input (guides its next answer)
+
+
+def gather_media(conversations: list[list[Message]]) -> GatheredMedia:
+    """The media of a batch of conversations, with indices counted across the whole batch."""
+    gathered = GatheredMedia({}, {}, {}, [])
     for conversation in conversations:
         last_visual: tuple[str, int] | None = None
         for message in conversation:
-            items = message.media
-            if message.role == "user":
-                # placeholders appear in the text in the order of message.media (see _user_text)
-                for item in items:
-                    inputs.setdefault(item.modality, []).append(item.data)
+            for item in message.media:
+                if message.role == "user":  # placeholders follow the order of message.media (see _user_text)
+                    inputs = gathered.inputs.setdefault(item.modality, [])
+                    inputs.append(item.data)
                     if get_modality(item.modality).visual:
-                        last_visual = (item.modality, len(inputs[item.modality]) - 1)
-            else:
-                for item in items:
-                    if item.caption is None:
-                        raise ValueError(f"a generated {item.modality} item needs its caption as training target")
-                    outputs.setdefault(item.modality, []).append(item)
-                    guides.setdefault(item.modality, []).append(last_visual)
-    media = {m: _stack(m, xs) for m, xs in inputs.items()}
-    targets = {
-        m: GenerationTargets(_stack(m, [it.data for it in items]), [it.caption for it in items], guides[m])
-        for m, items in outputs.items()
-    }
-    return Batch(input_ids, attention_mask, labels, media, targets)
+                        last_visual = (item.modality, len(inputs) - 1)
+                else:
+                    gathered.outputs.setdefault(item.modality, []).append(item)
+                    gathered.guides.setdefault(item.modality, []).append(last_visual)
+        gathered.last_visual.append(last_visual)
+    return gathered
 
 
 def _stack(modality: str, items: list[Tensor]) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from xvila.configuration import Config
-from xvila.conversation import Message, encode_conversation
+from xvila.conversation import Message, encode_conversation, gather_media
 from xvila.modalities import get_modality
 
 
@@ -85,15 +85,9 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
     tokenizer, device = model.tokenizer, model.device
     ids, _ = encode_conversation(messages, tokenizer, model.config.llm.template, add_generation_prompt=True)
 
-    media: dict[str, list[Tensor]] = {}
-    guide: tuple[str, int] | None = None  # the latest visual input
-    for message in messages:
-        if message.role == "user":
-            for item in message.media:
-                media.setdefault(item.modality, []).append(item.data)
-                if get_modality(item.modality).visual:
-                    guide = (item.modality, len(media[item.modality]) - 1)
-    encoded = {m: model.encode(m, torch.stack(xs)) for m, xs in media.items()}
+    gathered = gather_media([messages])
+    guide = gathered.last_visual[0]  # the latest visual input guides visual outputs through the highway
+    encoded = {m: model.encode(m, torch.stack(xs)) for m, xs in gathered.inputs.items()}
     input_ids = torch.tensor([ids], device=device)
     spliced = model.embed(input_ids, torch.ones_like(input_ids), encoded)
 
