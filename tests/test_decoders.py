@@ -257,6 +257,16 @@ def test_log_mel_and_griffin_lim_keep_pitch(decoders):
     assert ((peak_hz - notes).abs() < 16).all(), peak_hz  # nearer its own note than the next one
 
 
+def test_mel_conversions_run_in_float32_under_autocast(decoders):
+    """bf16 autocast (CUDA or CPU) must not reach the STFTs and torch.polar (found on a GPU: a dtype error)."""
+    d = decoders["audio"]
+    wave = 0.5 * torch.sin(2 * math.pi * 440.0 * torch.arange(16_000) / 16_000)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mel = d.wave_to_mel(wave)
+        back = d.mel_to_wave(mel.bfloat16(), gen())
+    assert mel.dtype == torch.float32 and back.dtype == torch.float32 and torch.isfinite(back).all()
+
+
 # --------------------------------------------------------------------------------- reference layouts
 def count(module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6

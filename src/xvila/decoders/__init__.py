@@ -8,7 +8,7 @@ given as ``weights_path``; ``.tiny()`` configs build small random decoders for t
 from __future__ import annotations
 
 from xvila.decoders.audio import AudioDecoder, AudioDecoderConfig, MelConfig
-from xvila.decoders.base import Decoder, SchedulerConfig, TokenizerConfig, residual_layout
+from xvila.decoders.base import Decoder, SchedulerConfig, TokenizerConfig, residual_layout, use_minilm
 from xvila.decoders.image import ImageDecoder, ImageDecoderConfig
 from xvila.decoders.video import VideoDecoder, VideoDecoderConfig
 
@@ -34,6 +34,7 @@ def build_decoder(config: DecoderConfig) -> Decoder:
 
 
 __all__ = [
+    "use_minilm",
     "CONFIGS",
     "AudioDecoder",
     "AudioDecoderConfig",

