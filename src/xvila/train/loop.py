@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from xvila.train import checkpoint as ckpt_io
-from xvila.train.config import OptimizerConfig, PhaseConfig, RecipeConfig, ScheduleConfig
+from xvila.train.config import NAMED_CONFIGS, OptimizerConfig, PhaseConfig, RecipeConfig, ScheduleConfig
 from xvila.train.data import eval_source_of, make_batches, micro_slot
 from xvila.train.distributed import (
     DeepSpeedStrategy,
@@ -52,6 +52,7 @@ from xvila.train.distributed import (
     place,
     shutdown_runtime,
 )
+from xvila.train.ema import EMA
 from xvila.train.feedback import PhaseSummary, Reporter
 from xvila.train.objectives import build_objective, needed_decoders
 
@@ -150,7 +151,7 @@ def _check_fresh(out: Path, recipe: RecipeConfig, selected: list[int], runtime: 
 
 # ------------------------------------------------------------------------------------------------- one phase
 def phase_start(recipe: RecipeConfig, index: int, out: Path, init=None):
-    """Where phase ``index`` takes its weights from: "tiny", a model folder, or an XVilaConfig dict."""
+    """Where phase ``index`` takes its weights from: a NAMED_CONFIGS name, a model folder, or an XVilaConfig dict."""
     phase = recipe.phases[index]
     if init is not None:
         return str(init)
@@ -172,10 +173,11 @@ def load_start_model(start):
 
     if isinstance(start, dict):
         return XVilaModel(XVilaConfig.from_dict(start))
-    if start == "tiny":
-        return XVilaModel(XVilaConfig.tiny())
+    if start in NAMED_CONFIGS:
+        return XVilaModel(getattr(XVilaConfig, start)())
     if not Path(start).is_dir():
-        raise TrainingError(f"model {start!r}: not a saved model folder (or 'tiny', or an XVilaConfig mapping)")
+        raise TrainingError(f"model {start!r}: not a saved model folder (or one of {list(NAMED_CONFIGS)}, or an "
+                            "XVilaConfig mapping)")
     return XVilaModel.from_pretrained(start)
 
 
@@ -221,9 +223,17 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
     scheduler = build_scheduler(optimizer, phase.schedule, phase.steps)
     if isinstance(strategy, DeepSpeedStrategy):
         wrapped, optimizer = strategy.initialize(objective, optimizer)
+    ema = None
+    if phase.ema_decay:
+        if strategy.sharded:
+            raise TrainingError(f"phase {phase.name}: ema_decay works with distributed.strategy 'ddp' (or one "
+                                "process), not with sharded weights")
+        ema = EMA(ckpt_io.trainable_parameters(model), phase.ema_decay)
     first_step = 0
     if ckpt is not None:
         ckpt_io.load_trainer_state(ckpt, optimizer, scheduler, strategy, runtime)
+        if ema is not None:
+            ema.load_state_dict(ckpt_io.load_ema(ckpt))
         first_step = state["step"]
     built = set(model.decoders)
 
@@ -264,6 +274,8 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
                 f"learning rate, use precision 'no', or set nonfinite: skip to drop such steps")
         if finite:
             strategy.step(optimizer)
+            if ema is not None:
+                ema.update()
         else:
             skipped += 1
             reporter.note(f"phase {phase.name}, step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}: "
@@ -286,13 +298,15 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
             ckpt_io.save_checkpoint(ckpt_dir, done, model=model, objective=objective, optimizer=optimizer,
                                     scheduler=scheduler, strategy=strategy, runtime=runtime,
                                     state=dict(base_state, micro_step=done * accum, samples=done * global_batch),
-                                    keep=phase.keep_checkpoints)
+                                    keep=phase.keep_checkpoints, ema=ema.state_dict() if ema else None)
     elapsed = time.perf_counter() - t_phase
     steps_run = phase.steps - first_step
     final = out / f"phase-{phase.name}"
     summary = PhaseSummary(phase.name, steps_run, phase.steps, round(elapsed, 3), steps_run * global_batch,
                            round(steps_run * global_batch / max(elapsed, 1e-9), 3), reporter.final_losses(),
                            skipped, str(final))
+    if ema is not None:
+        ema.copy_to_params()
     export = strategy.export_model(objective, model, rebuild=build)
     save_phase_output(export, runtime, final, summary, recipe)
     reporter.end_phase(summary)

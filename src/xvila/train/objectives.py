@@ -110,9 +110,13 @@ class FoundationObjective(nn.Module):
                 scale = scale.clamp(min=self.config.min_logit_scale)
                 losses[f"contrastive/{a}-{b}"] = info_nce(embeds[a], embeds[b], scale)
             losses["contrastive"] = torch.stack([losses[f"contrastive/{a}-{b}"] for a, b in self.pairs]).mean()
+        captions = list(batch.captions)
+        if self.decoders and self.training and self.config.cond_dropout > 0:
+            drop = torch.rand(len(captions)) < self.config.cond_dropout  # follows the seeded micro-step
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         for m, decoder in self.decoders.items():
             with torch.no_grad():
-                cond = decoder.encode_text(batch.captions)  # (B, Q, D_cond) from the frozen text encoder
+                cond = decoder.encode_text(captions)  # (B, Q, D_cond) from the frozen text encoder
             losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], cond)
         if self.decoders:
             losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()

@@ -1,0 +1,151 @@
+"""Parts that ship in PyPI packages (SmolLM2, MiniLM): decoders conditioned on MiniLM, saving a model without those
+parts and loading them back from the packages; plus the EMA and conditioning dropout that train the decoders."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xvila.config import XVilaConfig
+from xvila.decoders import ImageDecoderConfig, build_decoder, use_minilm
+from xvila.decoders.sentence import load_minilm
+from xvila.llm import LLMConfig
+from xvila.model import XVilaModel
+from xvila.train.config import FoundationConfig
+from xvila.train.ema import EMA
+from xvila.trainability import TrainabilitySpec, apply_trainability
+
+
+def test_minilm_conditioning_is_one_unit_rms_vector_and_shared():
+    a = build_decoder(use_minilm(ImageDecoderConfig.tiny()))
+    b = build_decoder(use_minilm(ImageDecoderConfig.tiny()))
+    assert a.text_encoder is b.text_encoder  # one frozen copy per process
+    assert a.cond_shape == (1, 384) and a.unet.config.cross_attention_dim == 384
+    cond = a.encode_text(["a small red circle moving left", "a huge blue star sitting still", ""])
+    assert cond.shape == (3, 1, 384)
+    torch.testing.assert_close(cond.pow(2).mean(-1).sqrt(), torch.ones(3, 1))
+    # padding must not change a caption's embedding (the mean is over real tokens only)
+    short = a.encode_text(["a red circle"])
+    torch.testing.assert_close(short, a.encode_text(["a red circle", "a much longer caption " * 4])[:1])
+    # meaning, not wording: a paraphrase lands nearer than a caption that changes the colour and shape
+    para = a.encode_text(["a tiny scarlet circle drifting to the left"])
+    other = a.encode_text(["a large green triangle rising"])
+    assert (cond[0] * para[0]).sum() > (cond[0] * other[0]).sum()
+
+
+def test_minilm_config_is_checked():
+    config = use_minilm(ImageDecoderConfig.tiny())
+    with pytest.raises(ValueError, match="minilm_architecture"):
+        config.replace(text_encoder={**config.text_encoder, "hidden_size": 64})
+    with pytest.raises(ValueError, match="text_encoder_source"):
+        config.replace(text_encoder_source="bert")
+
+
+@pytest.fixture(scope="module")
+def embedded_model():
+    torch.manual_seed(0)
+    model = XVilaModel(XVilaConfig.embedded())
+    model.load_decoders()
+    apply_trainability(model, TrainabilitySpec.from_dict(
+        {"groups": {"llm": "lora", "token_rows": "full", "decoders": "full"}, "lora": {"rank": 4, "alpha": 8}}))
+    with torch.no_grad():  # as if trained: the additions are no longer at their initial values
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def test_saved_model_leaves_out_shipped_weights_and_round_trips(embedded_model, tmp_path):
+    embedded_model.save_pretrained(tmp_path)
+    llm_keys = set(load_file(str(tmp_path / "llm.safetensors")))
+    assert llm_keys and all("lora_" in k or k.endswith("new_rows") for k in llm_keys)
+    assert not any(k.startswith("text_encoder.") for k in load_file(str(tmp_path / "decoder-image.safetensors")))
+    assert not (tmp_path / "tokenizer-image").exists()  # MiniLM's tokenizer comes with its package
+    loaded = XVilaModel.from_pretrained(tmp_path)
+    loaded.load_decoders()
+    want, got = embedded_model.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_float16_save_halves_the_files_and_loads_close(embedded_model, tmp_path):
+    embedded_model.save_pretrained(tmp_path / "fp32")
+    embedded_model.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in ("fp32", "fp16")}
+    assert size["fp16"] < 0.55 * size["fp32"]
+    loaded = XVilaModel.from_pretrained(tmp_path / "fp16")
+    loaded.load_decoders()
+    for k, v in embedded_model.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == v.dtype
+        torch.testing.assert_close(got, v, rtol=1e-3, atol=1e-4)
+
+
+def test_saving_refuses_a_changed_shipped_llm(tmp_path):
+    model = XVilaModel(XVilaConfig.tiny().replace(llm=LLMConfig.smollm2()))
+    with torch.no_grad():
+        model.llm.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0  # as if the llm group had trained "full"
+    with pytest.raises(ValueError, match="pretrained weights changed"):
+        model.save_pretrained(tmp_path)
+
+
+def test_ema_averages_and_resumes():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"p": p}, decay=0.5)
+    values = []
+    for step in range(1, 5):
+        with torch.no_grad():
+            p.fill_(float(step))
+        ema.update()
+        values.append(ema.shadow[0][0].item())
+    # decay warms up as min(0.5, (1 + n) / (10 + n)): 2/11, 3/12, 4/13, 5/14
+    expected, s = [], 0.0
+    for n, v in enumerate((1.0, 2.0, 3.0, 4.0), start=1):
+        d = min(0.5, (1 + n) / (10 + n))
+        s = d * s + (1 - d) * v
+        expected.append(s)
+    assert values == pytest.approx(expected)
+    other = EMA({"p": p}, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 4 and torch.equal(other.shadow[0], ema.shadow[0])
+    ema.copy_to_params()
+    assert p.detach().tolist() == pytest.approx([expected[-1]] * 3)
+
+
+def test_phase_saves_the_ema_weights(tmp_path):
+    from xvila.train.cli import run_cli
+
+    base = ["recipes/smoke.yaml", "phases.0.steps=3", "phases.0.foundation.contrastive=0", "--phase", "foundation",
+            "--no-progress"]
+    assert run_cli([base[0], f"output_dir={tmp_path / 'raw'}", *base[1:]]) == 0
+    assert run_cli([base[0], f"output_dir={tmp_path / 'ema'}", "phases.0.ema_decay=0.9", *base[1:]]) == 0
+    losses = {}
+    for run in ("raw", "ema"):
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        losses[run] = [r["loss"] for r in records if r["event"] == "step"]
+    assert losses["raw"] == losses["ema"]  # the average never feeds back into training
+    raw = load_file(str(tmp_path / "raw" / "phase-foundation" / "decoder-image.safetensors"))
+    ema = load_file(str(tmp_path / "ema" / "phase-foundation" / "decoder-image.safetensors"))
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
+def test_conditioning_dropout_blanks_some_captions(monkeypatch):
+    from xvila.train.data import ClipBatch
+    from xvila.train.objectives import FoundationObjective
+
+    torch.manual_seed(0)
+    model = XVilaModel(XVilaConfig.tiny())
+    seen = []
+    decoder = model.decoder("image")
+    encode = decoder.encode_text
+    monkeypatch.setattr(decoder, "encode_text", lambda texts: seen.append(list(texts)) or encode(texts))
+    captions = [f"caption {i}" for i in range(64)]
+    batch = ClipBatch(media={"image": torch.rand(64, 3, 32, 32)}, captions=captions)
+    for dropout in (0.0, 0.25):
+        objective = FoundationObjective(model, FoundationConfig(contrastive=0.0, cond_dropout=dropout), ("image",))
+        objective.train()
+        objective(batch)
+    blank = [sum(t == "" for t in texts) for texts in seen]
+    assert blank[0] == 0 and 4 <= blank[1] <= 32
+    assert all(t in ("", c) for t, c in zip(seen[1], captions))
