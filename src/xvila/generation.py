@@ -109,9 +109,13 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
     all_ids: list[int] = []
     pieces: list[list[int] | tuple[str, int]] = [[]]  # text id lists and (modality, index) markers
     runs: list[tuple[str, Tensor]] = []  # (modality, (K, D) hidden states)
+
+    def complete(steps_left: int) -> bool:  # no tokens left and every asked-for modality written
+        return steps_left <= 0 and all(any(r[0] == m for r in runs) for m in config.outputs)
+
     for step in range(config.max_new_tokens + len(config.outputs)):
         steps_left = config.max_new_tokens - step
-        if steps_left <= 0 and all(any(r[0] == m for r in runs) for m in config.outputs):
+        if complete(steps_left):
             break
         logits = head(last)[0, :vocab].float()  # (V,)
         logits[suppress] = float("-inf")
@@ -131,6 +135,8 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
             step_ids = torch.tensor([[token]], device=device)
             pieces[-1].append(token)
         all_ids += step_ids[0].tolist()
+        if token not in run_starts and complete(steps_left - 1):
+            break  # the answer ends here: nothing would read the logits of one more forward pass
         out = backbone(inputs_embeds=embed(step_ids), cache=cache, use_cache=True)
         cache, last = out.cache, out.last_hidden_state[:, -1]
         if token in run_starts:

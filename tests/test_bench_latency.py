@@ -1,0 +1,30 @@
+"""The latency benchmark runs end to end on the tiny random model (figures are not checked, only their presence)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_latency.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_latency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_latency_reports_every_case_and_decoding_speeds(capsys):
+    bench = load_script()
+    results = bench.main(["--model", "tiny-random", "--repeats", "1", "--max-new-tokens", "4", "--steps", "1",
+                          "--decode-tokens", "8", "--json"])
+    assert json.loads(capsys.readouterr().out) == results
+    assert set(results["turns"]) == {"image->text", "text->image", "text->video", "text->audio", "image->video"}
+    for case, r in results["turns"].items():
+        assert r["median_s"] > 0 and r["llm_s"] >= 0 and r["media_s"] >= 0
+        target = case.split("->")[1]
+        if target != "text":  # the asked-for modality was generated and decoded
+            assert any(m.startswith(target) for m in r["media"])
+    d = results["decoding"]
+    assert d["new_tokens"] > 0
+    assert d["ours"]["tokens_per_s"] > 0 and d["transformers"]["tokens_per_s"] > 0 and d["ratio"] > 0
