@@ -21,7 +21,8 @@ def media_files(tmp_path):
 
 def test_generate_json_writes_requested_media(media_files, capsys):
     out = media_files / "out"
-    rc = main(["generate", "--prompt", "a video please", "--image", str(media_files / "in.png"),
+    rc = main(["generate", "--model", "tiny-random", "--prompt", "a video please",
+               "--image", str(media_files / "in.png"),
                "--audio", str(media_files / "in.wav"), "--outputs", "video,image", "--steps", "2",
                "--max-new-tokens", "4", "--out", str(out), "--json"])
     assert rc == 0
@@ -42,7 +43,7 @@ def test_generate_json_writes_requested_media(media_files, capsys):
 ])
 def test_generate_bad_input_is_one_line_and_exit_2(media_files, capsys, argv, message):
     argv = [a.replace("{dir}", str(media_files)) for a in argv]
-    assert main(["generate", *argv, "--out", str(media_files / "o")]) == 2
+    assert main(["generate", "--model", "tiny-random", *argv, "--out", str(media_files / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("xvila: error:") and message in err[0]
 
@@ -50,7 +51,8 @@ def test_generate_bad_input_is_one_line_and_exit_2(media_files, capsys, argv, me
 def test_chat_keeps_going_after_bad_input(media_files, capsys, monkeypatch):
     lines = f"hello @{media_files}/in.png\n@{media_files}/notes.txt hi\n/reset\nand now @{media_files}/in.wav\n/quit\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
-    assert main(["chat", "--max-new-tokens", "3", "--steps", "2", "--out", str(media_files / "chat")]) == 0
+    assert main(["chat", "--model", "tiny-random", "--max-new-tokens", "3", "--steps", "2", "--out",
+                 str(media_files / "chat")]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("xvila> ") == 2
     assert "cannot tell the modality" in captured.err

@@ -40,7 +40,7 @@ def test_judge_rewards_ground_truth_and_rejects_blank(model, task):
 
 
 def test_cli_eval_json_has_every_section(capsys):
-    assert main(["eval", "--n", "1", "--steps", "1", "--json"]) == 0
+    assert main(["eval", "--model", "tiny-random", "--n", "1", "--steps", "1", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert set(results) == {"generation", "understanding", "highway", "compositional"}
     assert set(results["generation"]) == set(GENERATION_TASKS)

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TINY_RANDOM = "tiny-random"
+DEFAULT_MODEL = "xvila-tiny"  # the embedded model (xvila.embedded)
+MODEL_HELP = f"a saved model folder, {DEFAULT_MODEL!r} (the embedded model, default) or {TINY_RANDOM!r}"
 
 
 class CLIError(Exception):
@@ -28,9 +30,16 @@ def load_model(spec: str, seed: int = 0):
     if spec == TINY_RANDOM:
         torch.manual_seed(seed)
         return XVilaModel(XVilaConfig.tiny()).eval()
+    if spec == DEFAULT_MODEL:
+        from xvila.embedded import load_embedded
+
+        try:
+            return load_embedded()
+        except FileNotFoundError as e:
+            raise CLIError(str(e)) from None
     if not Path(spec).is_dir():
         raise CLIError(f"--model {spec!r}: not a model folder (expected a directory written by save_pretrained, "
-                       f"or {TINY_RANDOM!r})")
+                       f"{DEFAULT_MODEL!r} or {TINY_RANDOM!r})")
     return XVilaModel.from_pretrained(spec).eval()
 
 
@@ -174,6 +183,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xvila.demo import DemoConfig, write_demo
+
+    try:
+        config = DemoConfig(seed=args.seed, max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out!r}: exists and is not a folder (give a folder for the gallery)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {args.out!r}: cannot create the folder ({e.strerror or e})") from None
+    model = load_model(args.model, args.seed)
+    index = write_demo(model, out, config, progress=True, title=f"X-VILA demo: {args.model}")
+    print(index)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xvila", description="X-VILA: any-to-any text, image, video and audio")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -186,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--audio", action="append", help="an input audio file (repeatable)")
     g.add_argument("--outputs", default="", help="modalities the answer must include, e.g. image,audio")
     g.add_argument("--out", default="out", help="folder for generated media")
-    g.add_argument("--model", default=TINY_RANDOM, help=f"a saved model folder, or {TINY_RANDOM!r}")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the decoder's)")
     g.add_argument("--no-highway", action="store_true", help="disable the Visual Embedding Highway")
@@ -198,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_data(sub)
 
     c = sub.add_parser("chat", help="an interactive multi-turn conversation (attach media with @path)")
-    c.add_argument("--model", default=TINY_RANDOM, help=f"a saved model folder, or {TINY_RANDOM!r}")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--out", default="chat_out", help="folder for generated media")
     c.add_argument("--max-new-tokens", type=int, default=48)
     c.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the decoder's)")
@@ -206,13 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("eval", help="score every modality pair on held-out toy-world scenes")
-    e.add_argument("--model", default=TINY_RANDOM, help=f"a saved model folder, or {TINY_RANDOM!r}")
+    e.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     e.add_argument("--baseline", default=None, help="a second model folder, scored on generation")
     e.add_argument("--n", type=int, default=20, help="test scenes per task")
     e.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the decoder's)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="every task pair on held-out toy-world scenes, as an HTML gallery")
+    d.add_argument("--out", required=True, help="folder for index.html, demo.json and the media")
+    d.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the decoder's)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
     from xvila.train.cli import register as register_train  # xvila train ... (light import)
 
     register_train(sub)

@@ -1,0 +1,97 @@
+"""The committed embedded model (xvila-tiny): it loads offline by default, stays small, understands and generates
+toy-world scenes, and its SmolLM2 still answers ordinary questions."""
+
+import json
+
+import pytest
+import torch
+
+from xvila.cli import DEFAULT_MODEL, main
+from xvila.config import XVilaConfig
+from xvila.conversation import MediaItem, Message
+from xvila.data.world import sample_clip, world_scene
+from xvila.embedded import EMBEDDED_NAME, embedded_dir, load_embedded
+from xvila.generation import GenerationConfig
+from xvila.world import WorldConfig, split_sample
+from xvila.world.probes import mask_iou, probe_text, shape_mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_embedded()
+
+
+def test_embedded_is_the_default_small_and_complete():
+    assert DEFAULT_MODEL == EMBEDDED_NAME
+    folder = embedded_dir()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20, f"{size / 2**20:.1f} MiB"
+    assert (folder / "MODEL_CARD.md").is_file()
+    saved = XVilaConfig.load(folder / "config.json")
+    assert saved.to_dict() == XVilaConfig.embedded().to_dict()  # the card's architecture is the library's
+
+
+def test_answers_an_ordinary_question(model):
+    answer = model.generate([Message("user", "What is the capital of France?")],
+                            GenerationConfig(max_new_tokens=24, decode_media=False))
+    assert "Paris" in answer.text
+    assert not answer.media  # no media for a text question
+
+
+def test_reads_test_scenes_better_than_chance(model):
+    """A regression guard, not the target: the model card reports the measured understanding (eval, n=10)."""
+    world = WorldConfig()
+    questions = {"colour": "What colour is it?", "shape": "What shape is it?", "size": "Is it big or small?"}
+    right = 0
+    for i in range(8):
+        clip = sample_clip(split_sample("test", i, world), "test", i, world)
+        scene = world_scene(clip)[0]
+        for attribute, question in questions.items():
+            answer = model.generate([Message("user", question, [MediaItem("image", clip.tensors()["image"])])],
+                                    GenerationConfig(max_new_tokens=12, decode_media=False))
+            right += probe_text(answer.text)[attribute] == getattr(scene, attribute)
+    # chance: 8/6 + 8/5 + 8/2 = 6.9 of 24; measured when committed: 13 of 24
+    assert right >= 10
+
+
+def test_highway_carries_the_shape_position_into_the_video(model):
+    world, ious = WorldConfig(), {True: [], False: []}
+    for i in range(3):
+        clip = sample_clip(split_sample("test", i, world), "test", i, world)
+        image = clip.tensors()["image"]
+        for on in (True, False):
+            answer = model.generate([Message("user", "Animate this picture.", [MediaItem("image", image)])],
+                                    GenerationConfig(outputs=("video",), seed=i, highway=on, max_new_tokens=16))
+            video = next(m.data for m in answer.media if m.modality == "video")
+            ious[on].append(mask_iou(shape_mask(image), shape_mask(video[0])))
+    assert sum(ious[True]) / 3 > sum(ious[False]) / 3 + 0.1, ious
+
+
+def test_cli_generate_uses_the_embedded_model(tmp_path, capsys):
+    rc = main(["generate", "--prompt", "Show me a red circle moving left, with its sound.", "--outputs",
+               "video,audio", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(f["modality"] for f in result["files"]) == ["audio", "video"]
+    assert all((tmp_path / f["path"].split("/")[-1]).stat().st_size > 0 for f in result["files"])
+
+
+def test_missing_embedded_weights_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    import xvila.embedded
+
+    monkeypatch.setattr(xvila.embedded, "embedded_dir", lambda: tmp_path / "nowhere")
+    assert main(["generate", "--prompt", "hi", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "embedded model is missing" in err[0]
+
+
+def test_loads_without_touching_the_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access while loading the embedded model")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    assert load_embedded() is not None
+    assert torch.get_default_dtype() == torch.float32
