@@ -563,31 +563,27 @@ class Task:
         return True
 
 
-def _generation_builder(sources: tuple[str, ...], targets: tuple[str, ...]) -> Builder:
+def _dialogue_builder(first_turn: Callable[[Dialogue], None]) -> Builder:
+    """A conversation about the last clip: ``first_turn(dialogue)``, then the spec's follow-up turns."""
+
     def build(clips, rng, spec):
         d = Dialogue(clips[-1], rng, spec)
-        d.generate(sources, targets)
+        first_turn(d)
         return d.follow_ups()
 
     return build
+
+
+def _generation_builder(sources: tuple[str, ...], targets: tuple[str, ...]) -> Builder:
+    return _dialogue_builder(lambda d: d.generate(sources, targets))
 
 
 def _caption_builder(source: str) -> Builder:
-    def build(clips, rng, spec):
-        d = Dialogue(clips[-1], rng, spec)
-        d.caption_turn(source)
-        return d.follow_ups()
-
-    return build
+    return _dialogue_builder(lambda d: d.caption_turn(source))
 
 
 def _question_builder(source: str) -> Builder:
-    def build(clips, rng, spec):
-        d = Dialogue(clips[-1], rng, spec)
-        d.question(source)
-        return d.follow_ups()
-
-    return build
+    return _dialogue_builder(lambda d: d.question(source))
 
 
 def _edit_modalities(spec: TaskSpec) -> list[str]:
