@@ -28,3 +28,63 @@ def test_projection_config_errors():
         InputProjectionConfig(kind="conv")
     with pytest.raises(ValueError, match="divisible"):
         OutputProjectionConfig(width=30, heads=4)
+
+
+def test_standardize_sets_input_statistics_and_keeps_the_output_finite():
+    torch.manual_seed(0)
+    proj = OutputProjection(OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1), 6, (1, 4))
+    hidden = torch.randn(50, 3, 6) * torch.tensor([0.1, 1.0, 1e3, 1.0, 1.0, 50.0]) + 7.0
+    before = proj(hidden)
+    proj.standardize(hidden)
+    flat = ((hidden - proj.input_mean) / proj.input_std).reshape(-1, 6)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(6), atol=1e-3, rtol=0)
+    torch.testing.assert_close(flat.std(0), torch.ones(6), atol=0.05, rtol=0)
+    assert not torch.allclose(proj(hidden), before)
+    assert {"input_mean", "input_std"} <= {k.split(".")[-1] for k in proj.state_dict()}  # saved with the weights
+
+
+def test_projection_objective_fits_caption_embeddings_from_hidden_states():
+    """The phase-3a' objective on collected pairs: the projection learns a hidden-state -> caption-embedding map
+    that a constant (the mean target, what a collapsed projection predicts) cannot match."""
+    from xvila.train.data import generation_state_batches
+    from xvila.train.objectives import ProjectionObjective
+
+    torch.manual_seed(0)
+    hidden = torch.randn(256, 2, 16) * torch.linspace(0.01, 100, 16)  # features on very different scales
+    targets = torch.tanh(hidden[:, :1, :8] / torch.linspace(0.01, 100, 16)[:8])  # (256, 1, 8)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1)
+            self.output_projections = torch.nn.ModuleDict({"image": OutputProjection(config, 16, (1, 8))})
+
+    model = Model()
+    model.output_projections["image"].standardize(hidden)
+    objective = ProjectionObjective(model, ("image",))
+    assert ProjectionObjective.model_key("projections.image.proj_in.weight") == "output_projections.image.proj_in.weight"
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    batches = generation_state_batches({"image": (hidden, targets)}, batch_size=32, seed=0)
+    for _ in range(300):
+        out = objective(next(batches))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    constant = torch.nn.functional.mse_loss(targets.mean(0, keepdim=True).expand_as(targets), targets)
+    with torch.no_grad():
+        fitted = torch.nn.functional.mse_loss(model.output_projections["image"](hidden), targets)
+    assert set(out.losses) == {"align", "align/image"}
+    assert fitted < 0.3 * constant
+
+
+def test_generation_state_batches_follow_the_micro_slot():
+    from xvila.train.data import generation_state_batches
+
+    states = {"video": (torch.arange(40.0).view(10, 1, 4), torch.arange(10.0).view(10, 1, 1))}
+    a = generation_state_batches(states, batch_size=3, seed=1)
+    first, second = next(a), next(a)
+    resumed = next(generation_state_batches(states, batch_size=3, seed=1, start=1))
+    assert torch.equal(resumed.states["video"][0], second.states["video"][0])
+    assert not torch.equal(first.states["video"][0], second.states["video"][0])
+    h, e = first.states["video"]
+    assert torch.equal(h[:, 0, 0] / 4, e[:, 0, 0]) and len(first) == 3  # rows stay paired

@@ -82,6 +82,21 @@ def test_float16_save_halves_the_files_and_loads_close(embedded_model, tmp_path)
         torch.testing.assert_close(got, v, rtol=1e-3, atol=1e-4)
 
 
+def test_float16_save_also_casts_decoders_copied_unbuilt(embedded_model, tmp_path):
+    """A loaded model whose decoders were never built copies their files: with dtype, cast, not copied as fp32."""
+    embedded_model.save_pretrained(tmp_path / "fp32")
+    unbuilt = XVilaModel.from_pretrained(tmp_path / "fp32")
+    assert not unbuilt.decoders
+    unbuilt.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    for name in ("decoder-image.safetensors", "decoder-audio.safetensors"):
+        tensors = load_file(str(tmp_path / "fp16" / name))
+        assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.float16}, name
+    loaded = XVilaModel.from_pretrained(tmp_path / "fp16")
+    loaded.load_decoders()
+    for k, v in embedded_model.decoders["image"].state_dict().items():
+        torch.testing.assert_close(loaded.decoders["image"].state_dict()[k], v, rtol=1e-3, atol=1e-4)
+
+
 def test_saving_refuses_a_changed_shipped_llm(tmp_path):
     model = XVilaModel(XVilaConfig.tiny().replace(llm=LLMConfig.smollm2()))
     with torch.no_grad():

@@ -207,3 +207,23 @@ def test_the_tiny_model_trains_on_a_batch_of_each_phase(model, clips, phase):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def test_generation_answers_describe_the_subject_before_the_runs(clips, spec):
+    """The output projections read the runs' hidden states: the description must come before them to be read."""
+    from xvila.world.captions import COLOUR_WORDS
+
+    colours = {w for words in COLOUR_WORDS.values() for w in words}
+    checked = 0
+    for name in ("text->image", "image->video", "audio->image", "image->video+audio", "edit"):
+        for i in range(len(clips)):
+            w = window(clips, i)
+            if not TASKS[name].applies(w, spec):
+                continue
+            sample = build_sample(name, w, np.random.default_rng(i), spec)
+            for message in sample.messages:
+                if message.role == "assistant" and message.media:
+                    before = message.text[: RUN.search(message.text).start()].lower()
+                    assert colours & set(re.findall(r"[a-z]+", before)), (name, message.text)
+                    checked += 1
+    assert checked >= 10

@@ -83,7 +83,7 @@ def start_model(smoke, index):
     return model
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_each_phase_changes_exactly_its_trainable_groups(smoke, index):
     phase = smoke["recipe"].phases[index]
     before = dict(start_model(smoke, index).named_parameters())

@@ -25,8 +25,8 @@ def test_every_recipe_loads(path):
 
 def test_smoke_recipe_covers_every_phase_kind():
     recipe = read_recipe(RECIPES[[p.name for p in RECIPES].index("smoke.yaml")])
-    assert [p.objective for p in recipe.phases] == ["foundation"] + ["xvila"] * 4
-    assert recipe.phases[2].losses.align == 0 and recipe.phases[4].losses.highway > 0
+    assert [p.objective for p in recipe.phases] == ["foundation"] + ["xvila"] * 3 + ["projections", "xvila"]
+    assert recipe.phases[2].losses.align == 0 and recipe.phases[5].losses.highway > 0
     assert all(p.steps <= 3 for p in recipe.phases)
 
 

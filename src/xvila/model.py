@@ -201,6 +201,47 @@ class XVilaModel(nn.Module):
     def forward(self, batch: Batch, weights: LossWeights | None = None) -> XVilaOutput:
         weights = weights or LossWeights()
         batch = batch.to(self.device)
+        encoded, spliced, hidden = self._run_llm(batch)
+
+        losses: dict[str, Tensor] = {}
+        if weights.active("lm"):
+            losses["lm"] = lm_loss(self.llm.get_output_embeddings(), hidden, spliced.labels)
+        wants_decoder = any(weights.active(n) for n in ("align", "denoise", "highway"))
+        for m, (gen_hidden, targets) in (self._generation_runs(batch, spliced, hidden) if wants_decoder else {}).items():
+            cond = self.output_projections[m](gen_hidden)  # (N, Q, D_cond)
+            decoder = self.decoder(m)
+            if weights.active("align"):
+                losses[f"align/{m}"] = align_loss(cond, self.caption_embeds(m, targets))
+            if weights.active("denoise"):
+                losses[f"denoise/{m}"] = decoder.denoising_loss(targets.media, cond)
+            if weights.active("highway") and m in self.highways:
+                highway_loss = self._highway_loss(m, targets, cond, encoded)
+                if highway_loss is not None:
+                    losses[f"highway/{m}"] = highway_loss
+        for name in ("align", "denoise", "highway"):
+            parts = [v for k, v in losses.items() if k.startswith(name + "/")]
+            if parts:
+                losses[name] = torch.stack(parts).mean()
+        return XVilaOutput(total_loss(losses, weights), losses, hidden)
+
+    @torch.no_grad()
+    def generation_states(self, batch: Batch) -> dict[str, tuple[Tensor, Tensor]]:
+        """{modality: (the LLM's hidden states at each generation run (N, K, D), the decoder's embedding of the run's
+        caption (N, Q, D_cond))}: what the output projections map from and to (the textual alignment's pairs)."""
+        batch = batch.to(self.device)
+        _, spliced, hidden = self._run_llm(batch)
+        return {m: (gen_hidden, self.caption_embeds(m, targets))
+                for m, (gen_hidden, targets) in self._generation_runs(batch, spliced, hidden).items()}
+
+    def caption_embeds(self, modality: str, targets) -> Tensor:
+        """The decoder text encoder's embedding of the targets' captions (N, Q, D_cond), precomputed or computed."""
+        if targets.text_embeds is not None:
+            return targets.text_embeds
+        with torch.no_grad():
+            return self.decoder(modality).encode_text(targets.captions)
+
+    def _run_llm(self, batch: Batch):
+        """(encoded media, spliced sequence, the LLM's last hidden states (B, L2, D)) of a batch on this device."""
         if batch.encoded is not None:
             if any(p.requires_grad for p in self.encoder.parameters()):
                 raise ValueError("the batch holds cached encoder features but the encoder is being trained: "
@@ -215,42 +256,25 @@ class XVilaModel(nn.Module):
         hidden = self.llm.get_decoder()(
             inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask
         ).last_hidden_state  # (B, L2, D)
+        return encoded, spliced, hidden
 
-        losses: dict[str, Tensor] = {}
-        if weights.active("lm"):
-            losses["lm"] = lm_loss(self.llm.get_output_embeddings(), hidden, spliced.labels)
+    def _generation_runs(self, batch: Batch, spliced: SpliceOutput, hidden: Tensor) -> dict:
+        """{modality: (hidden states of its generation runs (N, K, D), its N targets)} for the output modalities
+        the batch has targets for; every run must have a target and every target a run."""
         unknown = set(batch.targets) - set(self.output_projections)
         if unknown:
             raise ValueError(f"{sorted(unknown)} not output modalities of this model: {self.config.output_modalities}")
-        wants_decoder = any(weights.active(n) for n in ("align", "denoise", "highway"))
-        for m in self.config.output_modalities if wants_decoder else ():
+        runs = {}
+        for m in self.config.output_modalities:
             gen_hidden = gather_runs(hidden, spliced.input_ids, torch.tensor(self.gen_token_ids[m], device=self.device))
             targets = batch.targets.get(m)
             n_targets = 0 if targets is None else targets.media.shape[0]
             if gen_hidden.shape[0] != n_targets:
                 raise ValueError(f"the answers hold {gen_hidden.shape[0]} {m} generation run(s) but {n_targets} "
                                  f"{m} target(s) were given: each run needs its target media and caption")
-            if targets is None:
-                continue
-            cond = self.output_projections[m](gen_hidden)  # (N, Q, D_cond)
-            decoder = self.decoder(m)
-            if weights.active("align"):
-                text_embeds = targets.text_embeds
-                if text_embeds is None:
-                    with torch.no_grad():
-                        text_embeds = decoder.encode_text(targets.captions)
-                losses[f"align/{m}"] = align_loss(cond, text_embeds)
-            if weights.active("denoise"):
-                losses[f"denoise/{m}"] = decoder.denoising_loss(targets.media, cond)
-            if weights.active("highway") and m in self.highways:
-                highway_loss = self._highway_loss(m, targets, cond, encoded)
-                if highway_loss is not None:
-                    losses[f"highway/{m}"] = highway_loss
-        for name in ("align", "denoise", "highway"):
-            parts = [v for k, v in losses.items() if k.startswith(name + "/")]
-            if parts:
-                losses[name] = torch.stack(parts).mean()
-        return XVilaOutput(total_loss(losses, weights), losses, hidden)
+            if targets is not None:
+                runs[m] = (gen_hidden, targets)
+        return runs
 
     def highway_residuals(self, modality: str, guide_modality: str, patch_embeds: Tensor) -> HighwayResiduals:
         """Residuals for ``modality``'s decoder from a visual input's patch tokens (N, P, C), P = t*h*w."""
@@ -294,6 +318,8 @@ class XVilaModel(nn.Module):
                     source = self._weights_dir / name
                     if source.is_dir():
                         shutil.copytree(source, directory / name, dirs_exist_ok=True)
+                    elif source.exists() and dtype is not None:
+                        save_file(_cast(load_file(str(source)), dtype), str(directory / name))
                     elif source.exists():
                         shutil.copy2(source, directory / name)
         elif self._weights_dir is None:
@@ -308,7 +334,7 @@ class XVilaModel(nn.Module):
                 continue
             state = {k: v.detach() for k, v in module.state_dict().items() if k not in (shipped or ())}
             if dtype is not None:
-                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+                state = _cast(state, dtype)
             save_file(_unshare(state), str(directory / name))
         for m, decoder in self.decoders.items():
             decoder.save_tokenizer(directory / f"tokenizer-{m}")
@@ -341,12 +367,14 @@ class XVilaModel(nn.Module):
 
     def _load_weights(self, name: str, module: nn.Module) -> None:
         path = self._weights_dir / name
-        shipped = self._shipped_keys(name, module)
-        if shipped is None:
+        optional = self._shipped_keys(name, module) or set()  # keys a file may lack: they ship in a package
+        if name == "output_projections.safetensors":  # folders saved before the projections' input statistics
+            optional |= {k for k in module.state_dict() if k.endswith((".input_mean", ".input_std"))}
+        if not optional:
             load_model(module, str(path))
             return
         missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
-        bad = sorted(set(missing) - shipped) + sorted(unexpected)
+        bad = sorted(set(missing) - optional) + sorted(unexpected)
         if bad:
             raise ValueError(f"{path} does not match the model: missing or unexpected keys {bad[:4]}")
 
@@ -367,6 +395,11 @@ class XVilaModel(nn.Module):
         for name, module in model._weight_files().items():
             model._load_weights(name, module)
         return model.to(device)
+
+
+def _cast(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Floating tensors as ``dtype``; integer ones (e.g. position ids) unchanged."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _unshare(state: dict[str, Tensor]) -> dict[str, Tensor]:

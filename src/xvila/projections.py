@@ -79,6 +79,11 @@ class OutputProjection(nn.Module):
         q, d_cond = cond_shape
         p = config.width
         self.cond_shape = (q, d_cond)
+        # Per-feature statistics of the LLM hidden states it reads (identity until ``standardize`` sets them): an
+        # LLM's final hidden features differ in scale by orders of magnitude, and unstandardized inputs made the
+        # tiny projections collapse to one output for every caption.
+        self.register_buffer("input_mean", torch.zeros(llm_dim))
+        self.register_buffer("input_std", torch.ones(llm_dim))
         self.proj_in = nn.Linear(llm_dim, p)
         self.queries = nn.Parameter(torch.randn(q, p) * 0.02)
         layer = dict(d_model=p, nhead=config.heads, dim_feedforward=4 * p, dropout=config.dropout,
@@ -89,9 +94,17 @@ class OutputProjection(nn.Module):
                                              norm=nn.LayerNorm(p))
         self.proj_out = nn.Linear(p, d_cond)
 
+    @torch.no_grad()
+    def standardize(self, gen_hidden: Tensor, eps: float = 1e-3) -> None:
+        """Set the input statistics from example hidden states (N, K, D) of generation tokens."""
+        flat = gen_hidden.reshape(-1, gen_hidden.shape[-1]).float()
+        self.input_mean.copy_(flat.mean(0))
+        self.input_std.copy_(flat.std(0) + eps)
+
     def forward(self, gen_hidden: Tensor) -> Tensor:
         """gen_hidden (B, K, D) -> (B, Q, D_cond)."""
-        src = self.proj_in(gen_hidden)  # (B, K, P)
+        x = (gen_hidden - self.input_mean.to(gen_hidden.dtype)) / self.input_std.to(gen_hidden.dtype)
+        src = self.proj_in(x)  # (B, K, P)
         tgt = self.queries.expand(src.shape[0], -1, -1)  # (B, Q, P)
         memory = self.encoder(src)  # (B, K, P)
         return self.proj_out(self.decoder(tgt, memory))  # (B, Q, D_cond)

@@ -213,10 +213,10 @@ GENERATE_FOLLOW_UPS: tuple[str, ...] = (
     "Now make {a_t} of it.", "Can you also show it as {a_t}?", "Give me {a_t} of the same thing.",
     "And {a_t}, please.", "Now generate the matching {t}.",
 )
-ONE_ANSWER: tuple[str, ...] = ("{r}", "Here is the {t}: {r}", "Sure! {r}", "Here you go: {r}", "{d} {r}",
-                               "Here is {a_t} of it. {r}", "{r} It shows the same scene: {d}")
-EDIT_ANSWERS: tuple[str, ...] = ("{r}", "Here it is: {r}", "Done. {r}", "Sure, here is the edited {t}: {r}",
-                                 "{d} {r}")
+ONE_ANSWER: tuple[str, ...] = ("{d} {r}", "Here is the {t}. {d} {r}", "Sure! {d} {r}", "Here you go. {d} {r}",
+                               "{d} Here is {a_t} of it: {r}", "I made {a_t}. {d} {r}")
+EDIT_ANSWERS: tuple[str, ...] = ("{d} {r}", "Here it is. {d} {r}", "Done. {d} {r}",
+                                 "Sure, here is the edited {t}. {d} {r}")
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "shape": ("What shape is it?", "What shape do you see?", "Which shape is this?", "What kind of shape is it?"),
     "colour": ("What colour is it?", "What color is the shape?", "Which colour does it have?",
@@ -370,18 +370,22 @@ class Dialogue:
 
     def answer_runs(self, targets: list[MediaItem], templates: tuple[str, ...] = ONE_ANSWER,
                     description: str | None = None) -> str:
+        """The answer that generates ``targets``: the subject's description, then the generation runs. Written in
+        that order, the runs' hidden states can read the description; the output projections map them to the
+        decoders' conditioning, and from runs that came first they learned one conditioning for every caption."""
         runs = [gen_run_text(t.modality, self.spec.gen_tokens[t.modality]) for t in targets]
         if len(targets) == 1:
             noun = _pick(self.rng, NOUNS[targets[0].modality])
             d = description if description is not None else self.describe()
             return _fill(_pick(self.rng, templates), r=runs[0], t=noun, a_t=_a(noun), d=d)
         nouns = [NOUNS[t.modality][0] for t in targets]
+        d = description if description is not None else self.describe()
         style = int(self.rng.integers(3))
         if style == 0:
-            return " ".join(runs)
+            return d + " " + " ".join(runs)
         if style == 1:
-            return "Here they are. " + " ".join(f"{n.capitalize()}: {r}" for n, r in zip(nouns, runs))
-        return "Sure: " + ", and ".join(f"the {n} {r}" for n, r in zip(nouns, runs))
+            return f"Here they are. {d} " + " ".join(f"{n.capitalize()}: {r}" for n, r in zip(nouns, runs))
+        return f"{d} Sure: " + ", and ".join(f"the {n} {r}" for n, r in zip(nouns, runs))
 
     def generate(self, sources: tuple[str, ...], targets: tuple[str, ...]) -> None:
         """One turn: the user gives the subject as ``sources`` (none: its caption) and asks for ``targets``."""

@@ -10,6 +10,7 @@ from xvila.train.config import (
     FoundationConfig,
     OptimizerConfig,
     PhaseConfig,
+    ProjectionsConfig,
     RecipeConfig,
     ScheduleConfig,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "OptimizerConfig",
     "PhaseConfig",
     "PhaseSummary",
+    "ProjectionsConfig",
     "RecipeConfig",
     "ScheduleConfig",
     "TrainingError",

@@ -20,7 +20,7 @@ from xvila.configuration import Config
 from xvila.losses import LossWeights
 from xvila.trainability import GROUPS, TrainabilitySpec
 
-OBJECTIVES = ("xvila", "foundation")
+OBJECTIVES = ("xvila", "foundation", "projections")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "bf16")
 NONFINITE = ("stop", "skip")
@@ -124,6 +124,22 @@ class FoundationConfig(Config):
 
 
 @dataclass
+class ProjectionsConfig(Config):
+    """Textual alignment on cached LLM states, used when ``PhaseConfig.objective == "projections"``: the frozen LLM
+    runs once over ``samples`` conversations of the phase's data; its hidden states at the generation runs, each
+    with its caption's decoder embedding, are kept in memory; the output projections then train on those pairs
+    (``batch_size`` per output modality per micro-batch) for the phase's steps. Many more projection updates than
+    in-loop alignment affords on a CPU, where each one costs an LLM pass."""
+
+    samples: int = 1600  # conversations run through the LLM (split among the processes)
+    standardize: bool = True  # set each projection's input statistics from the collected hidden states
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ValueError(f"projections.samples must be >= 1, got {self.samples}")
+
+
+@dataclass
 class OptimizerConfig(Config):
     """AdamW over the trainable parameters, one parameter group per component group."""
 
@@ -169,9 +185,10 @@ class PhaseConfig(Config):
     name: str
     trainable: TrainabilitySpec
     data: DataSpec = field(default_factory=DataSpec)
-    objective: str = "xvila"  # "xvila": the model's own losses; "foundation": see FoundationConfig
+    objective: str = "xvila"  # "xvila": the model's own losses; "foundation" / "projections": see their configs
     losses: LossWeights = field(default_factory=LossWeights)
     foundation: FoundationConfig = field(default_factory=FoundationConfig)
+    projections: ProjectionsConfig = field(default_factory=ProjectionsConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     steps: int = 100  # optimizer steps
@@ -197,8 +214,12 @@ class PhaseConfig(Config):
         if self.objective == "foundation" and not self.data.wants_clips:
             raise ValueError(f"phase {self.name}: the foundation objective trains on aligned clips: set "
                              "data.tasks to {clips: 1.0}")
-        if self.objective == "xvila" and self.data.wants_clips:
+        if self.objective != "foundation" and self.data.wants_clips:
             raise ValueError(f"phase {self.name}: data task 'clips' feeds the foundation objective only")
+        if self.objective == "projections" and any(
+                mode != "frozen" for g, mode in self.trainable.groups.items() if g != "output_projections"):
+            raise ValueError(f"phase {self.name}: the projections objective trains output_projections only (the LLM "
+                             "states it trains on are collected once, so everything before them stays frozen)")
         if self.objective == "xvila" and not any(self.losses.active(n) for n in ("lm", "align", "denoise", "highway")):
             raise ValueError(f"phase {self.name}: every loss weight is 0")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):

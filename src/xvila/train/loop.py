@@ -39,7 +39,13 @@ from torch import nn
 
 from xvila.train import checkpoint as ckpt_io
 from xvila.train.config import NAMED_CONFIGS, OptimizerConfig, PhaseConfig, RecipeConfig, ScheduleConfig
-from xvila.train.data import eval_source_of, make_batches, micro_slot
+from xvila.train.data import (
+    collect_generation_states,
+    eval_source_of,
+    generation_state_batches,
+    make_batches,
+    micro_slot,
+)
 from xvila.train.distributed import (
     DeepSpeedStrategy,
     Runtime,
@@ -245,8 +251,8 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
         logger.warning("resuming with a global batch of %d samples where the checkpoint used %d: the data order "
                        "from here on differs from the interrupted run's", global_batch, state["global_batch"])
     cache = feature_cache(phase, model, out, strategy)
-    batches = make_batches(phase.data, model, batch_size=phase.batch_size, rank=runtime.rank, world_size=world,
-                           seed=data_seed, start=first_step * accum, cache=cache)
+    batches = phase_batches(phase, model, runtime, data_seed, start=first_step * accum, cache=cache,
+                            progress=reporter.progress)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ckpt_dir = out / "checkpoints" / phase.name
     if runtime.is_main:
@@ -364,9 +370,7 @@ def _gather_losses(parts: dict[str, list[torch.Tensor]], runtime: Runtime) -> di
 def evaluate(wrapped: nn.Module, objective: nn.Module, model, phase: PhaseConfig, runtime: Runtime,
              data_seed: int, cache=None) -> dict[str, float]:
     """Mean losses over ``phase.eval_batches`` fixed held-out micro-batches per process."""
-    batches = make_batches(phase.data, model, batch_size=phase.batch_size, rank=runtime.rank,
-                           world_size=runtime.world_size, seed=data_seed, source=eval_source_of(phase.data),
-                           cache=cache)
+    batches = phase_batches(phase, model, runtime, data_seed, source=eval_source_of(phase.data), cache=cache)
     objective.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     try:
@@ -397,6 +401,30 @@ def save_phase_output(export, runtime: Runtime, final: Path, summary: PhaseSumma
 
 
 # ------------------------------------------------------------------------------------------ building blocks
+def phase_batches(phase: PhaseConfig, model, runtime: Runtime, data_seed: int, *, start: int = 0,
+                  source: str | None = None, cache=None, progress: bool = False):
+    """This process's micro-batches from micro-step ``start`` on: the phase's data (``source``: held-out data for
+    eval instead), or, for the projections objective, pairs collected from the frozen LLM over that data (for
+    training, the projections' input statistics are set from them first)."""
+    rank, world = runtime.rank, runtime.world_size
+    if phase.objective != "projections":
+        return make_batches(phase.data, model, batch_size=phase.batch_size, rank=rank, world_size=world,
+                            seed=data_seed, start=start, source=source, cache=cache)
+    held_out = source is not None
+    samples = phase.eval_batches * phase.batch_size * world if held_out else phase.projections.samples
+    was_training = model.training
+    model.eval()
+    states = collect_generation_states(phase.data, model, samples=samples, batch_size=phase.batch_size, rank=rank,
+                                       world_size=world, seed=data_seed, source=source, precision=phase.precision,
+                                       progress=progress)
+    model.train(was_training)
+    if not held_out and phase.projections.standardize:
+        for m, (hidden, _) in states.items():
+            model.output_projections[m].standardize(hidden)  # DDP broadcasts rank 0's statistics
+    return generation_state_batches(states, batch_size=phase.batch_size, rank=rank, world_size=world,
+                                    seed=data_seed, start=start)
+
+
 def feature_cache(phase: PhaseConfig, model, out: Path, strategy):
     """``xvila.data.cache.FeatureCache`` for the phase's frozen encoder (and caption embeddings when the alignment
     loss is on), or None when ``data.cache_features`` is off."""

@@ -1,6 +1,7 @@
 """What a phase minimises, as a module the distributed wrapper can hold: ``objective(batch) -> StepOutput``.
 
 - :class:`XVilaObjective`: the model's own losses (``lm``, ``align``, ``denoise``, ``highway``), phases 1-3;
+- :class:`ProjectionObjective`: textual alignment of the output projections on states collected from the frozen LLM;
 - :class:`FoundationObjective`: phase 0 for tiny models, which the model's forward does not compute:
   ImageBind-style symmetric InfoNCE between the encoder's embeddings of aligned image / video / audio / caption,
   and text->X denoising of each decoder conditioned on its own (frozen) text encoder.
@@ -18,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xvila.conversation import Batch
-from xvila.losses import LossWeights
+from xvila.losses import LossWeights, align_loss
 from xvila.train.config import FoundationConfig, PhaseConfig
-from xvila.train.data import MEDIA, ClipBatch
+from xvila.train.data import MEDIA, ClipBatch, GenStateBatch
 
 
 @dataclass
@@ -127,6 +128,28 @@ class FoundationObjective(nn.Module):
         return StepOutput(torch.stack(parts).sum(), {k: v.detach() for k, v in losses.items()})
 
 
+class ProjectionObjective(nn.Module):
+    """The textual alignment loss of the output projections on pairs collected from the frozen LLM
+    (:class:`xvila.train.data.GenStateBatch`; see :class:`xvila.train.config.ProjectionsConfig`)."""
+
+    def __init__(self, model: nn.Module, modalities: tuple[str, ...]):
+        super().__init__()
+        self.projections = nn.ModuleDict({m: model.output_projections[m] for m in modalities})
+
+    @staticmethod
+    def model_key(key: str) -> str:
+        return "output_" + key  # "projections.<m>.*" -> "output_projections.<m>.*"
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.projections.values())
+
+    def forward(self, batch: GenStateBatch) -> StepOutput:
+        losses = {f"align/{m}": align_loss(self.projections[m](hidden), embeds)
+                  for m, (hidden, embeds) in batch.states.items()}
+        losses["align"] = torch.stack(list(losses.values())).mean()
+        return StepOutput(losses["align"], {k: v.detach() for k, v in losses.items()})
+
+
 def info_nce(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
     """a, b (B, E) unit embeddings of B aligned pairs: symmetric cross-entropy of ``scale * a @ b.T`` (CLIP)."""
     logits = scale * a.float() @ b.float().t()  # (B, B), the diagonal holds the positives
@@ -137,6 +160,8 @@ def info_nce(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
 def build_objective(model: nn.Module, phase: PhaseConfig, decoders: tuple[str, ...]) -> nn.Module:
     if phase.objective == "foundation":
         return FoundationObjective(model, phase.foundation, decoders)
+    if phase.objective == "projections":
+        return ProjectionObjective(model, decoders)
     return XVilaObjective(model, phase.losses)
 
 
@@ -154,6 +179,6 @@ def needed_decoders(model: nn.Module, phase: PhaseConfig) -> tuple[str, ...]:
             raise ValueError(f"foundation.decoders names {sorted(unknown)}, not output modalities of the model "
                              f"({list(outputs)})")
         return tuple(m for m in outputs if m in wanted)
-    if not any(phase.losses.active(n) for n in ("align", "denoise", "highway")):
+    if phase.objective == "xvila" and not any(phase.losses.active(n) for n in ("align", "denoise", "highway")):
         return ()
     return output_modalities(phase.data, model)
