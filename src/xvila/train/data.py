@@ -243,7 +243,7 @@ class GenStateBatch:
 
 
 def collect_generation_states(spec: DataSpec, model, *, samples: int, batch_size: int, rank: int = 0,
-                              world_size: int = 1, seed: int = 0, source: str | None = None, precision: str = "no",
+                              world_size: int = 1, seed: int = 0, source: str | None = None,
                               progress: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
     """Run the (frozen) LLM once over this rank's share of ``samples`` conversations and keep, per output modality,
     the hidden states of every generation run with its caption's embedding (float32, on the CPU)."""
@@ -254,10 +254,7 @@ def collect_generation_states(spec: DataSpec, model, *, samples: int, batch_size
     chunks = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
     found: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
     for chunk in tqdm(chunks, desc="generation states", unit="batch", disable=not progress, leave=False):
-        batch = make_batch(stream, chunk, model)
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            states = model.generation_states(batch)
-        for m, (hidden, embeds) in states.items():
+        for m, (hidden, embeds) in model.generation_states(make_batch(stream, chunk, model)).items():
             found.setdefault(m, ([], []))
             found[m][0].append(hidden.float().cpu())
             found[m][1].append(embeds.float().cpu())

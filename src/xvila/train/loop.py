@@ -414,9 +414,10 @@ def phase_batches(phase: PhaseConfig, model, runtime: Runtime, data_seed: int, *
     samples = phase.eval_batches * phase.batch_size * world if held_out else phase.projections.samples
     was_training = model.training
     model.eval()
-    states = collect_generation_states(phase.data, model, samples=samples, batch_size=phase.batch_size, rank=rank,
-                                       world_size=world, seed=data_seed, source=source, precision=phase.precision,
-                                       progress=progress)
+    with autocast(phase.precision, runtime.device):
+        states = collect_generation_states(phase.data, model, samples=samples, batch_size=phase.batch_size,
+                                           rank=rank, world_size=world, seed=data_seed, source=source,
+                                           progress=progress)
     model.train(was_training)
     if not held_out and phase.projections.standardize:
         for m, (hidden, _) in states.items():
