@@ -61,6 +61,9 @@ def gen(seed: int = 0) -> torch.Generator:
         VideoDecoderConfig.tiny(unet3d=True, with_vae=True, num_frames=4, size=16),
         AudioDecoderConfig.tiny(),
         AudioDecoderConfig.tiny(with_vae=True, with_vocoder=True),
+        ImageDecoderConfig.tiny_latent(),
+        VideoDecoderConfig.tiny_latent(),
+        AudioDecoderConfig.tiny_latent(),
         ImageDecoderConfig.sd15("/some/folder"),
         VideoDecoderConfig.zeroscope(),
         AudioDecoderConfig.audioldm(),
@@ -134,6 +137,46 @@ def test_denoising_loss_backprops_to_cond_and_unet_only(decoders, name):
     for part in d.frozen_parts():
         assert all(not p.requires_grad and p.grad is None for p in part.parameters())
     d.zero_grad(set_to_none=True)
+
+
+LATENT = {"image": ImageDecoderConfig.tiny_latent, "video": VideoDecoderConfig.tiny_latent,
+          "audio": AudioDecoderConfig.tiny_latent}
+
+
+@pytest.mark.parametrize("name", ["image", "video", "audio"])
+def test_vae_trains_on_its_media_and_calibrates_its_latents(name):
+    decoder = build(LATENT[name]())
+    decoder.vae.requires_grad_(True)
+    media = media_for(decoder, batch=4)
+    optimizer = torch.optim.Adam(decoder.vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(8):
+        loss = decoder.autoencode_loss(media, 1e-4, max_inputs=6, generator=gen(len(losses)))
+        assert all(p.grad is None for p in decoder.unet.parameters())  # only the VAE learns here
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+    values = decoder.calibrate_latents(media)
+    assert decoder.config.vae["latents_mean"] == values["latents_mean"] == list(decoder.vae.config.latents_mean)
+    channels = decoder.vae.config.latent_channels
+    z = decoder.media_to_latents(media, gen(0))  # the posterior samples calibration measured: unit per channel
+    z = z.view(z.shape[0], -1, channels, *z.shape[-2:]).permute(2, 0, 1, 3, 4).reshape(channels, -1)
+    torch.testing.assert_close(z.mean(1), torch.zeros(channels), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(1), torch.ones(channels), atol=2e-3, rtol=0)
+    raw = decoder.vae.encode(decoder.vae_inputs(media)).latent_dist.sample(gen(1))
+    expected = decoder.vae.decode(raw).sample
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (values["latents_mean"], values["latents_std"]))
+    from xvila.decoders.base import vae_decode
+
+    torch.testing.assert_close(vae_decode(decoder.vae, (raw - mean) / std), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_autoencode_needs_a_vae(decoders):
+    with pytest.raises(ValueError, match="no VAE"):
+        decoders["image"].autoencode_loss(media_for(decoders["image"]), 1e-4)
 
 
 def test_loss_is_seeded(decoders):

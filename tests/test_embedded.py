@@ -27,8 +27,17 @@ def test_embedded_is_the_default_small_and_complete():
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 40 * 2**20, f"{size / 2**20:.1f} MiB"
     assert (folder / "MODEL_CARD.md").is_file()
-    saved = XVilaConfig.load(folder / "config.json")
-    assert saved.to_dict() == XVilaConfig.embedded().to_dict()  # the card's architecture is the library's
+    saved = XVilaConfig.load(folder / "config.json").to_dict()
+    measured = ("latents_mean", "latents_std", "scaling_factor", "shift_factor")  # set by the `vaes` phase
+    for decoder in saved["decoders"].values():
+        assert decoder["vae"]["latents_mean"] is not None  # the denoisers were trained on calibrated latents
+        for key in measured:
+            decoder["vae"].pop(key)
+    library = XVilaConfig.embedded().to_dict()
+    for decoder in library["decoders"].values():
+        for key in measured:
+            decoder["vae"].pop(key, None)
+    assert saved == library  # the card's architecture is the library's
 
 
 def test_answers_an_ordinary_question(model):

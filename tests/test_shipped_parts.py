@@ -166,6 +166,14 @@ def test_conditioning_dropout_blanks_some_captions(monkeypatch):
     assert all(t in ("", c) for t, c in zip(seen[1], captions))
 
 
+def test_autoencode_names_a_decoder_without_a_vae():
+    from xvila.train.objectives import FoundationObjective
+
+    model = XVilaModel(XVilaConfig.tiny())  # pixel-space decoders
+    with pytest.raises(ValueError, match="the image decoder has none"):
+        FoundationObjective(model, FoundationConfig(contrastive=0.0, denoise=0.0, autoencode=1.0), ("image",))
+
+
 def test_decoders_sharing_minilm_encode_the_captions_once(embedded_model, monkeypatch):
     from xvila.train.data import ClipBatch
     from xvila.train.objectives import FoundationObjective

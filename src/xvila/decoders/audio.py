@@ -214,6 +214,16 @@ class AudioDecoderConfig(Config):
         )
 
     @classmethod
+    def tiny_latent(cls) -> AudioDecoderConfig:
+        """The tiny log-mel through a 4x tiny VAE (16 x 16 x 4 latents; trained on the toy world, then frozen)
+        and a (48, 96) UNet, attention at the 8 x 8 level; Griffin-Lim."""
+        config = cls.tiny()
+        unet = dict(config.unet, sample_size=16, in_channels=4, out_channels=4, block_out_channels=[48, 96],
+                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=[48, 96])
+        return config.replace(unet=unet, vae=tiny_vae(in_channels=1, block_out_channels=(32, 64, 64)))
+
+    @classmethod
     def audioldm(cls, weights_path: str | None = None) -> AudioDecoderConfig:
         """AudioLDM-S full v2 (cvssp/audioldm-s-full-v2): 10.24 s as 1024 x 64 log-mels, 8 x 256 x 16 latents."""
         channels = [128, 256, 384, 640]
@@ -394,9 +404,12 @@ class AudioDecoder(Decoder):
         return wave.clamp(-1, 1)
 
     def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        m = self.config.mel
-        mel = (self.wave_to_mel(media)[:, None] - m.offset) / m.scale  # (B, 1, frames, n_mels)
+        mel = self.vae_inputs(media)
         return mel if self.vae is None else vae_encode(self.vae, mel, generator)
+
+    def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
+        m = self.config.mel
+        return (self.wave_to_mel(media)[:, None] - m.offset) / m.scale  # (B, 1, frames, n_mels), normalised
 
     def latents_to_media(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         m = self.config.mel

@@ -281,13 +281,25 @@ def freeze(module: nn.Module) -> nn.Module:
 def vae_encode(vae: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """(N, C, H, W) VAE input -> scaled latents (N, c, h, w), a sample of the posterior (as SD training does)."""
     z = vae.encode(x.to(vae.dtype)).latent_dist.sample(generator)
-    shift = vae.config.shift_factor or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    shift, scale = _latent_affine(vae, z)
+    return (z - shift) * scale
 
 
 def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    shift = vae.config.shift_factor or 0.0
-    return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    shift, scale = _latent_affine(vae, latents)
+    return vae.decode((latents / scale + shift).to(vae.dtype)).sample
+
+
+def _latent_affine(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(shift, scale) with scaled = (raw - shift) * scale: per channel when the VAE's config has ``latents_mean``
+    and ``latents_std`` (diffusers' convention: scale = scaling_factor / std), else one ``shift_factor`` and
+    ``scaling_factor``."""
+    c = vae.config
+    if c.get("latents_mean") is None:
+        return c.shift_factor or 0.0, c.scaling_factor
+    mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+                 for v in (c.latents_mean, c.latents_std))
+    return mean, c.scaling_factor / std
 
 
 def residual_layout(
@@ -376,6 +388,50 @@ class Decoder(nn.Module):
     @property
     def lora_target_modules(self) -> list[str]:
         return list(LORA_TARGET_MODULES)
+
+    def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
+        """media in repo conventions -> the VAE's input (N, C, H, W) (frames or mels as images)."""
+        raise NotImplementedError
+
+    def autoencode_loss(
+        self, media: torch.Tensor, kl_weight: float, max_inputs: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Reconstruction loss of the VAE (L1 + MSE on its input) plus ``kl_weight`` times the posterior's KL
+        divergence per input element: how the tiny VAEs train on the toy world (a pretrained VAE stays frozen).
+        ``max_inputs``: at most this many VAE inputs (a video gives one per frame), drawn at random."""
+        if self.vae is None:
+            raise ValueError(f"{self.modality} decoder: it has no VAE to train (config.vae is None)")
+        self._check_media(media)
+        x = self.vae_inputs(media).to(self.vae.dtype)
+        if max_inputs is not None and x.shape[0] > max_inputs:
+            pick = torch.randperm(x.shape[0], generator=generator, device="cpu")[:max_inputs]
+            x = x[pick.to(x.device)]
+        posterior = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(posterior.sample(generator)).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        return F.l1_loss(rec.float(), x.float()) + F.mse_loss(rec.float(), x.float()) + kl_weight * kl
+
+    @torch.no_grad()
+    def calibrate_latents(self, media: torch.Tensor) -> dict[str, Any]:
+        """Per-channel mean and std of the VAE's latents of ``media`` (posterior samples, as the denoising loss
+        draws them), set as the VAE's ``latents_mean`` / ``latents_std`` (scaling_factor 1), so the denoiser sees
+        latents of zero mean and unit variance. The values are written into ``config.vae`` too (saved with the
+        model); returns them."""
+        if self.vae is None:
+            raise ValueError(f"{self.modality} decoder: it has no VAE to calibrate (config.vae is None)")
+        x = self.vae_inputs(media).to(self.vae.dtype)
+        generator = torch.Generator(x.device).manual_seed(0)
+        z = torch.cat([self.vae.encode(part).latent_dist.sample(generator).float() for part in x.split(256)])
+        values = {
+            "latents_mean": [round(v, 6) for v in z.mean((0, 2, 3)).tolist()],
+            "latents_std": [round(v, 6) for v in z.std((0, 2, 3)).clamp_min(1e-4).tolist()],
+            "scaling_factor": 1.0,
+            "shift_factor": None,
+        }
+        self.vae.register_to_config(**values)
+        self.config.vae.update(values)
+        return values
 
     def frozen_parts(self) -> list[nn.Module]:
         return [m for m in (self.text_encoder, self.vae, getattr(self, "vocoder", None)) if m is not None]

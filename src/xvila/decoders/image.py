@@ -79,14 +79,17 @@ def tiny_clip_text(hidden_size: int = 64, max_length: int = 16, vocab_size: int 
     }
 
 
-def tiny_vae(in_channels: int = 3, latent_channels: int = 4) -> dict[str, Any]:
-    """A 2x-downsampling AutoencoderKL for tests and for a tiny VAE trained on the toy world."""
+def tiny_vae(in_channels: int = 3, latent_channels: int = 4, block_out_channels: tuple[int, ...] = (16, 32)
+             ) -> dict[str, Any]:
+    """A tiny AutoencoderKL, downsampling 2 ** (len(block_out_channels) - 1) times: (16, 32) for tests, (32, 64, 64)
+    for the toy world's 4x VAEs (trained by a ``foundation.autoencode`` phase)."""
+    levels = len(block_out_channels)
     return {
         "in_channels": in_channels,
         "out_channels": in_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * 2,
-        "up_block_types": ["UpDecoderBlock2D"] * 2,
-        "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": list(block_out_channels),
         "layers_per_block": 1,
         "latent_channels": latent_channels,
         "norm_num_groups": 8,
@@ -179,6 +182,15 @@ class ImageDecoderConfig(Config):
         )
 
     @classmethod
+    def tiny_latent(cls) -> ImageDecoderConfig:
+        """32x32 images through a 4x tiny VAE (8x8x4 latents; trained on the toy world, then frozen) and a
+        (64, 128) UNet with cross-attention at both levels: each diffusion step costs a quarter of pixel space's."""
+        config = cls.tiny()
+        unet = dict(config.unet, sample_size=8, in_channels=4, out_channels=4, block_out_channels=[64, 128],
+                    down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2)
+        return config.replace(unet=unet, vae=tiny_vae(block_out_channels=(32, 64, 64)))
+
+    @classmethod
     def sd15(cls, weights_path: str | None = None) -> ImageDecoderConfig:
         """Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 configs): 859.5M-param UNet, 64x64x4 latents."""
         unet = {
@@ -252,6 +264,9 @@ class ImageDecoder(Decoder):
 
     def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return images_to_latents(self.vae, media, generator)  # (B, c, h, w)
+
+    def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
+        return media * 2 - 1  # (B, 3, H, W) in [-1, 1]
 
     def latents_to_media(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return latents_to_images(self.vae, latents)  # (B, 3, H, W)

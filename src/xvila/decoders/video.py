@@ -147,6 +147,16 @@ class VideoDecoderConfig(Config):
         )
 
     @classmethod
+    def tiny_latent(cls, num_frames: int = 8) -> VideoDecoderConfig:
+        """num_frames x 32 x 32 videos through a per-frame 4x tiny VAE (8x8x4 latents per frame, trained on the
+        toy world, then frozen), the frames' latents stacked in the channels of a (64, 128) 2D UNet."""
+        config = cls.tiny(num_frames=num_frames)
+        c = 4 * num_frames
+        unet = dict(config.unet, sample_size=8, in_channels=c, out_channels=c, block_out_channels=[64, 128],
+                    down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2)
+        return config.replace(unet=unet, vae=tiny_vae(block_out_channels=(32, 64, 64)))
+
+    @classmethod
     def zeroscope(cls, weights_path: str | None = None) -> VideoDecoderConfig:
         """ZeroScope v2 576w (cerspense/zeroscope_v2_576w; the damo text-to-video-ms-1.7b architecture):
         1.41B-param UNet3D, OpenCLIP ViT-H text tower (1024-d), SD VAE; 24 frames of 320x576."""
@@ -232,6 +242,9 @@ class VideoDecoder(Decoder):
         z = images_to_latents(self.vae, media.flatten(0, 1), generator)  # (B*T, c, h, w)
         z = z.view(b, t, *z.shape[1:])  # (B, T, c, h, w)
         return z.flatten(1, 2) if self.stacked else z.permute(0, 2, 1, 3, 4)  # (B, T*c, h, w) | (B, c, T, h, w)
+
+    def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
+        return media.flatten(0, 1) * 2 - 1  # (B*T, 3, H, W) in [-1, 1]: the VAE works per frame
 
     def latents_to_media(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.stacked:

@@ -103,6 +103,11 @@ class FoundationConfig(Config):
 
     contrastive: float = 1.0  # weight of the symmetric InfoNCE loss, averaged over ``pairs``
     denoise: float = 1.0  # weight of the decoders' denoising loss on captioned media, averaged over ``decoders``
+    autoencode: float = 0.0  # weight of the decoders' VAE reconstruction loss (train group "vaes"), averaged over
+    # ``decoders``; the phase then sets each VAE's per-channel latent statistics (Decoder.calibrate_latents)
+    vae_kl: float = 1.0e-4  # weight of the VAE posterior's KL term (per input element) in the autoencode loss
+    vae_inputs: int | None = None  # at most this many VAE inputs per decoder and micro-batch, drawn at random (a
+    # video clip gives one per frame); None: all
     pairs: list[tuple[str, str]] = field(default_factory=lambda: [
         ("image", "text"), ("video", "text"), ("audio", "text"), ("image", "video"), ("video", "audio")])
     decoders: tuple[str, ...] | None = None  # output modalities trained text->X; None: all the model has
@@ -111,8 +116,15 @@ class FoundationConfig(Config):
     # that classifier-free guidance samples with
 
     def __post_init__(self):
-        if self.contrastive < 0 or self.denoise < 0 or self.contrastive + self.denoise <= 0:
-            raise ValueError("foundation: contrastive and denoise weights must be >= 0, and one of them > 0")
+        weights = (self.contrastive, self.denoise, self.autoencode)
+        if min(weights) < 0 or sum(weights) <= 0 or self.vae_kl < 0:
+            raise ValueError("foundation: contrastive, denoise, autoencode and vae_kl weights must be >= 0, and one "
+                             "of the first three > 0")
+        if self.vae_inputs is not None and self.vae_inputs < 1:
+            raise ValueError(f"foundation.vae_inputs must be >= 1 or null, got {self.vae_inputs}")
+        if self.denoise > 0 and self.autoencode > 0:
+            raise ValueError("foundation: train the VAEs (autoencode) in a phase before the denoisers (denoise): "
+                             "the latents the denoisers learn would move under them")
         known = ("image", "video", "audio", "text")
         for a, b in self.pairs:
             if a not in known or b not in known or a == b:

@@ -314,6 +314,8 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
     if ema is not None:
         ema.copy_to_params()
     export = strategy.export_model(objective, model, rebuild=build)
+    if export is not None and phase.objective == "foundation" and phase.foundation.autoencode > 0:
+        calibrate_vaes(export, phase, decoders, data_seed)
     save_phase_output(export, runtime, final, summary, recipe)
     reporter.end_phase(summary)
     del wrapped, objective, optimizer, scheduler, model, export
@@ -424,6 +426,21 @@ def phase_batches(phase: PhaseConfig, model, runtime: Runtime, data_seed: int, *
             model.output_projections[m].standardize(hidden)  # DDP broadcasts rank 0's statistics
     return generation_state_batches(states, batch_size=phase.batch_size, rank=rank, world_size=world,
                                     seed=data_seed, start=start)
+
+
+def calibrate_vaes(model, phase: PhaseConfig, decoders: tuple[str, ...], data_seed: int,
+                   samples: int = 512) -> None:
+    """After a phase that trained the decoders' VAEs: each VAE's per-channel latent statistics, measured on the
+    first ``samples`` clips of the phase's data, go into the VAE and the model's config (saved with it)."""
+    batches = make_batches(phase.data, model, batch_size=phase.batch_size, seed=data_seed)
+    clips = [next(batches) for _ in range(max(1, -(-samples // phase.batch_size)))]
+    device = model.device
+    for m in decoders:
+        decoder = model.decoder(m)
+        media = torch.cat([c.media[m] for c in clips]).to(device)
+        values = decoder.calibrate_latents(media)
+        model.config.decoders.get(m).vae.update(values)
+        logger.info("%s VAE latents: mean %s, std %s", m, values["latents_mean"], values["latents_std"])
 
 
 def feature_cache(phase: PhaseConfig, model, out: Path, strategy):

@@ -57,7 +57,13 @@ class FoundationObjective(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = model.encoder  # shared with the model, not copied
-        self.decoders = nn.ModuleDict({m: model.decoder(m) for m in decoders} if config.denoise > 0 else {})
+        trains_decoders = config.denoise > 0 or config.autoencode > 0
+        self.decoders = nn.ModuleDict({m: model.decoder(m) for m in decoders} if trains_decoders else {})
+        if config.autoencode > 0:
+            for m, decoder in self.decoders.items():
+                if decoder.vae is None:
+                    raise ValueError(f"foundation.autoencode trains the decoders' VAEs, but the {m} decoder has none "
+                                     "(its config.vae is None): list the decoders with a VAE in foundation.decoders")
         self.pairs = [tuple(p) for p in config.pairs] if config.contrastive > 0 else []
         used = {m for pair in self.pairs for m in pair}
         missing = used - set(self.encoder.modalities)
@@ -86,6 +92,8 @@ class FoundationObjective(nn.Module):
         towers = {"image": "vision", "video": "vision", "audio": "audio", "text": "text"}
         used = {towers[m] for pair in self.pairs for m in pair}
         blocks = [b for t in used for b in self.encoder.modality_trunks[t].modules() if isinstance(b, Block)]
+        if self.config.autoencode > 0:
+            return blocks + [d.vae for d in self.decoders.values()]
         return blocks + [d.denoiser for d in self.decoders.values()]
 
     def text_ids(self, captions: list[str], device) -> Tensor:
@@ -111,8 +119,20 @@ class FoundationObjective(nn.Module):
                 scale = scale.clamp(min=self.config.min_logit_scale)
                 losses[f"contrastive/{a}-{b}"] = info_nce(embeds[a], embeds[b], scale)
             losses["contrastive"] = torch.stack([losses[f"contrastive/{a}-{b}"] for a, b in self.pairs]).mean()
+        if self.config.autoencode > 0 and self.decoders:
+            for m, decoder in self.decoders.items():
+                losses[f"autoencode/{m}"] = decoder.autoencode_loss(batch.media[m], self.config.vae_kl,
+                                                                  self.config.vae_inputs)
+            losses["autoencode"] = torch.stack([losses[f"autoencode/{m}"] for m in self.decoders]).mean()
+        if self.config.denoise > 0 and self.decoders:
+            self._denoise(batch, losses)
+        parts = [w * losses[n] for n, w in (("contrastive", self.config.contrastive), ("denoise", self.config.denoise),
+                                            ("autoencode", self.config.autoencode)) if n in losses]
+        return StepOutput(torch.stack(parts).sum(), {k: v.detach() for k, v in losses.items()})
+
+    def _denoise(self, batch: ClipBatch, losses: dict[str, Tensor]) -> None:
         captions = list(batch.captions)
-        if self.decoders and self.training and self.config.cond_dropout > 0:
+        if self.training and self.config.cond_dropout > 0:
             drop = torch.rand(len(captions)) < self.config.cond_dropout  # follows the seeded micro-step
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         conds: dict[tuple, Tensor] = {}  # decoders that share a text encoder encode the captions once
@@ -121,11 +141,7 @@ class FoundationObjective(nn.Module):
                 with torch.no_grad():  # (B, Q, D_cond) from the frozen text encoder
                     conds[decoder.text_key] = decoder.encode_text(captions)
             losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], conds[decoder.text_key])
-        if self.decoders:
-            losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
-        parts = [w * losses[n] for n, w in (("contrastive", self.config.contrastive), ("denoise", self.config.denoise))
-                 if n in losses]
-        return StepOutput(torch.stack(parts).sum(), {k: v.detach() for k, v in losses.items()})
+        losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
 
 
 class ProjectionObjective(nn.Module):
@@ -171,7 +187,7 @@ def needed_decoders(model: nn.Module, phase: PhaseConfig) -> tuple[str, ...]:
 
     outputs = model.config.output_modalities
     if phase.objective == "foundation":
-        if phase.foundation.denoise <= 0:
+        if phase.foundation.denoise <= 0 and phase.foundation.autoencode <= 0:
             return ()
         wanted = phase.foundation.decoders or outputs
         unknown = set(wanted) - set(outputs)
