@@ -40,7 +40,6 @@ from xvila.decoders.base import (
     scale_factor_of,
     transformers_part,
     vae_decode,
-    vae_encode,
 )
 from xvila.decoders.image import VAE_KEYS, tiny_vae
 from xvila.highway import HighwayResiduals, ResidualLayout
@@ -404,8 +403,7 @@ class AudioDecoder(Decoder):
         return wave.clamp(-1, 1)
 
     def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        mel = self.vae_inputs(media)
-        return mel if self.vae is None else vae_encode(self.vae, mel, generator)
+        return self._encode_media(media, generator)  # (B, c, frames / f, n_mels / f)
 
     def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
         m = self.config.mel

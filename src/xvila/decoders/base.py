@@ -390,8 +390,14 @@ class Decoder(nn.Module):
         return list(LORA_TARGET_MODULES)
 
     def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
-        """media in repo conventions -> the VAE's input (N, C, H, W) (frames or mels as images)."""
+        """media in repo conventions -> the VAE's input (N, C, H, W) (frames or mels as images); without a VAE,
+        these are the latents themselves."""
         raise NotImplementedError
+
+    def _encode_media(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """(N, c, h, w): the scaled VAE latents of ``vae_inputs(media)``, or those inputs in pixel / mel space."""
+        x = self.vae_inputs(media)
+        return x if self.vae is None else vae_encode(self.vae, x, generator)
 
     def autoencode_loss(
         self, media: torch.Tensor, kl_weight: float, max_inputs: int | None = None,
@@ -628,12 +634,6 @@ def clip_text_embeds(decoder: Decoder, texts: list[str]) -> torch.Tensor:
     with torch.no_grad():
         ids = decoder.tokenize(texts, decoder.text_encoder.device)["input_ids"]
         return decoder.text_encoder(ids).last_hidden_state
-
-
-def images_to_latents(vae: nn.Module | None, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> latents (N, c, h, w): the scaled VAE posterior sample, or pixels in [-1, 1]."""
-    x = images * 2 - 1
-    return x if vae is None else vae_encode(vae, x, generator)
 
 
 def latents_to_images(vae: nn.Module | None, latents: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ from xvila.decoders.base import (
     diffusers_part,
     downscale_of,
     freeze,
-    images_to_latents,
     latents_to_images,
     residual_layout,
     scale_factor_of,
@@ -263,7 +262,7 @@ class ImageDecoder(Decoder):
         return residual_layout(self.unet.config, (height // f, width // f))
 
     def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return images_to_latents(self.vae, media, generator)  # (B, c, h, w)
+        return self._encode_media(media, generator)  # (B, c, h, w)
 
     def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
         return media * 2 - 1  # (B, 3, H, W) in [-1, 1]

@@ -34,7 +34,6 @@ from xvila.decoders.base import (
     diffusers_part,
     downscale_of,
     freeze,
-    images_to_latents,
     latents_to_images,
     residual_layout,
     scale_factor_of,
@@ -239,7 +238,7 @@ class VideoDecoder(Decoder):
 
     def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         b, t = media.shape[:2]
-        z = images_to_latents(self.vae, media.flatten(0, 1), generator)  # (B*T, c, h, w)
+        z = self._encode_media(media, generator)  # (B*T, c, h, w)
         z = z.view(b, t, *z.shape[1:])  # (B, T, c, h, w)
         return z.flatten(1, 2) if self.stacked else z.permute(0, 2, 1, 3, 4)  # (B, T*c, h, w) | (B, c, T, h, w)
 
