@@ -18,25 +18,33 @@ from xvila.trainability import group_parameters
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
 
 
+def recording_optimizer(record):
+    """``loop.build_optimizer`` that also calls ``record(model, ids of the parameters the optimizer holds)``."""
+    build_optimizer = loop.build_optimizer
+
+    def recording(model, config, **kwargs):
+        optimizer = build_optimizer(model, config, **kwargs)
+        record(model, {id(p) for g in optimizer.param_groups for p in g["params"]})
+        return optimizer
+
+    return recording
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """Run recipes/smoke.yaml once; record, per phase, the decoders built and the optimizer's parameters."""
     out = tmp_path_factory.mktemp("smoke") / "run"
     seen = []
-    build_optimizer = loop.build_optimizer
 
-    def recording(model, config, **kwargs):
-        optimizer = build_optimizer(model, config, **kwargs)
-        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    def record(model, in_optimizer):
         seen.append({"decoders": sorted(model.decoders),
                      "frozen_in_optimizer": [n for n, p in model.named_parameters()
                                              if id(p) in in_optimizer and not p.requires_grad],
                      "trainable_missing": [n for n, p in model.named_parameters()
                                            if p.requires_grad and id(p) not in in_optimizer]})
-        return optimizer
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "build_optimizer", recording)
+        mp.setattr(loop, "build_optimizer", recording_optimizer(record))
         rc = run_cli([str(SMOKE), f"output_dir={out}", "--no-progress"])
     return {"rc": rc, "out": out, "recipe": read_recipe(SMOKE, [f"output_dir={out}"]), "seen": seen}
 
@@ -164,16 +172,13 @@ def test_vae_phase_trains_only_the_vaes_and_saves_their_latent_statistics(tmp_pa
     recipe = tmp_path / "vaes.yaml"
     recipe.write_text(yaml.safe_dump({"model": config.to_dict(), "output_dir": str(tmp_path / "run"),
                                       "phases": [phase]}))
-    build_optimizer, trained_names = loop.build_optimizer, []
+    trained_names = []
 
-    def recording(model, config, **kwargs):
-        optimizer = build_optimizer(model, config, **kwargs)
-        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    def record(model, in_optimizer):
         trained_names.extend(n for n, p in model.named_parameters() if id(p) in in_optimizer)
-        return optimizer
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "build_optimizer", recording)
+        mp.setattr(loop, "build_optimizer", recording_optimizer(record))
         assert run_cli([str(recipe), "--no-progress"]) == 0
     assert trained_names and {n.split(".")[2] for n in trained_names} == {"vae"}  # decoders.<m>.vae.*
     assert {n.split(".")[1] for n in trained_names} == {"image", "video", "audio"}
