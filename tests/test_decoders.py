@@ -405,3 +405,27 @@ def test_tokenizer_save_and_reload(tmp_path, decoders):
     texts = ["a large red circle drifting left", ""]
     assert again.tokenizer(texts).input_ids == d.tokenizer(texts).input_ids
     assert d.tokenizer([""]).input_ids == [[1, 2]]  # <s> </s>: the empty prompt still has tokens
+
+
+WITH_VAE = {"image": lambda: ImageDecoderConfig.tiny(with_vae=True),
+            "video": lambda: VideoDecoderConfig.tiny(unet3d=True, with_vae=True, num_frames=4, size=16),
+            "audio": lambda: AudioDecoderConfig.tiny(with_vae=True)}
+
+
+@pytest.mark.parametrize("name", ["image", "video", "audio"])
+def test_a_kept_posterior_gives_the_loss_of_running_the_vae(name):
+    decoder = build(WITH_VAE[name]())
+    media = media_for(decoder)
+    cond = decoder.encode_text(["a", "b"])
+    mean, std = decoder.vae_posterior(media)
+    assert mean.shape == std.shape and mean.shape[0] == (2 * media.shape[1] if name == "video" else 2)
+    direct = decoder.denoising_loss(media, cond, generator=gen(5))
+    kept = decoder.denoising_loss(media, cond, generator=gen(5), posterior=(mean, std))
+    torch.testing.assert_close(kept, direct)
+    moved = decoder.denoising_loss(media, cond, generator=gen(5), posterior=(mean + 1, std))
+    assert not torch.allclose(moved, direct)  # the posterior given is the one used
+
+
+def test_vae_posterior_needs_a_vae(decoders):
+    with pytest.raises(ValueError, match="no VAE"):
+        decoders["image"].vae_posterior(media_for(decoders["image"]))

@@ -186,3 +186,37 @@ def test_decoders_sharing_minilm_encode_the_captions_once(embedded_model, monkey
     media = {m: torch.rand(2, *embedded_model.output_shape(m)) for m in ("image", "video", "audio")}
     out = objective(ClipBatch(media=media, captions=["a red circle", "a blue star"]))
     assert len(calls) == 1 and {"denoise/image", "denoise/video", "denoise/audio"} <= set(out.losses)
+
+
+def test_foundation_keeps_the_vae_posteriors_of_clips_it_has_seen(embedded_model, monkeypatch):
+    from xvila.train.data import ClipBatch
+    from xvila.train.objectives import FoundationObjective
+
+    modalities = ("image", "video")
+    encoded = []
+    for m in modalities:
+        vae = embedded_model.decoder(m).vae
+        monkeypatch.setattr(vae, "encode", lambda x, m=m, f=vae.encode: encoded.append((m, x.shape[0])) or f(x))
+    g = torch.Generator().manual_seed(0)
+    media = {m: torch.rand(2, *embedded_model.output_shape(m), generator=g) for m in ("image", "video", "audio")}
+    captions = ["a red circle", "a blue star"]
+    config = FoundationConfig(contrastive=0.0, cond_dropout=0.0, posterior_cache=3)
+    kept = FoundationObjective(embedded_model, config, modalities)
+    kept(ClipBatch(media, captions, keys=["a", "b"]))
+    assert [m for m, _ in encoded] == ["image", "video"]
+    torch.manual_seed(1)
+    again = kept(ClipBatch(media, captions, keys=["a", "b"])).losses
+    assert len(encoded) == 2  # both clips were kept: no VAE ran
+    torch.manual_seed(1)
+    plain = FoundationObjective(embedded_model, config.replace(posterior_cache=0), modalities)(
+        ClipBatch(media, captions, keys=["a", "b"])).losses
+    assert len(encoded) == 4
+    for name in ("denoise/image", "denoise/video"):
+        torch.testing.assert_close(again[name], plain[name])  # the same loss as running the VAE
+
+    kept(ClipBatch(media, captions, keys=["c", "d"]))  # at most 3 clips are kept: c, not d
+    assert sorted(kept._posteriors["image"]) == sorted(kept._posteriors["video"]) == ["a", "b", "c"]
+    encoded.clear()
+    kept(ClipBatch(media, captions, keys=["c", "d"]))
+    frames = embedded_model.output_shape("video")[0]
+    assert encoded == [("image", 1), ("video", frames)]  # only d's media went through the VAEs

@@ -102,6 +102,8 @@ def test_phase_validation():
         FoundationConfig(denoise=1.0, autoencode=1.0)
     with pytest.raises(ValueError, match="vae_inputs"):
         FoundationConfig(denoise=0.0, autoencode=1.0, vae_inputs=0)
+    with pytest.raises(ValueError, match="posterior_cache"):
+        FoundationConfig(posterior_cache=-1)
     with pytest.raises(ValueError, match="trainable groups|unknown component group"):
         TrainabilitySpec({"vae": "full"})
     with pytest.raises(ValueError, match="cannot use LoRA"):

@@ -281,6 +281,17 @@ def freeze(module: nn.Module) -> nn.Module:
 def vae_encode(vae: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """(N, C, H, W) VAE input -> scaled latents (N, c, h, w), a sample of the posterior (as SD training does)."""
     z = vae.encode(x.to(vae.dtype)).latent_dist.sample(generator)
+    return scale_latents(vae, z)
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A sample of a diagonal Gaussian posterior, drawing the noise exactly as diffusers'
+    ``DiagonalGaussianDistribution.sample`` does (same shape, dtype and device, so the same random stream)."""
+    return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+def scale_latents(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents -> the scaled latents the denoiser works in."""
     shift, scale = _latent_affine(vae, z)
     return (z - shift) * scale
 
@@ -394,10 +405,24 @@ class Decoder(nn.Module):
         these are the latents themselves."""
         raise NotImplementedError
 
-    def _encode_media(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """(N, c, h, w): the scaled VAE latents of ``vae_inputs(media)``, or those inputs in pixel / mel space."""
+    def _encode_media(self, media: torch.Tensor, generator: torch.Generator | None,
+                      posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(N, c, h, w): the scaled VAE latents of ``vae_inputs(media)``, or those inputs in pixel / mel space.
+        ``posterior``: that media's :meth:`vae_posterior`, computed earlier; only its sample is drawn here."""
+        if posterior is not None:
+            return scale_latents(self.vae, sample_posterior(*posterior, generator))
         x = self.vae_inputs(media)
         return x if self.vae is None else vae_encode(self.vae, x, generator)
+
+    @torch.no_grad()
+    def vae_posterior(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (N, c, h, w), of the VAE's posterior of ``vae_inputs(media)`` (raw latents). A frozen
+        VAE gives the same for the same media every time, so a training loop may keep it and pass it back to
+        :meth:`denoising_loss` (``FoundationConfig.posterior_cache``)."""
+        if self.vae is None:
+            raise ValueError(f"the {type(self).__name__} has no VAE (config.vae is None): it has no posterior")
+        dist = self.vae.encode(self.vae_inputs(media).to(self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
 
     def autoencode_loss(
         self, media: torch.Tensor, kl_weight: float, max_inputs: int | None = None,
@@ -473,16 +498,18 @@ class Decoder(nn.Module):
         *,
         residuals: HighwayResiduals | None = None,
         generator: torch.Generator | None = None,
+        posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """MSE of the UNet's prediction (epsilon / v / sample, per the scheduler) on noised latents of ``media``.
 
         media in repo conventions; cond_embeds (B, Q, D_cond). Gradients reach ``cond_embeds``, the UNet (when it
-        requires grad) and the highway through ``residuals``; never the frozen parts.
+        requires grad) and the highway through ``residuals``; never the frozen parts. ``posterior``: the media's
+        :meth:`vae_posterior` if already known (the VAE then does not run; the loss is the same).
         """
         self._check_media(media)
         self._check_cond(cond_embeds, media.shape[0], "cond_embeds")
         with torch.no_grad():
-            latents = self.media_to_latents(media, generator).to(self.unet.dtype)
+            latents = self.media_to_latents(media, generator, posterior).to(self.unet.dtype)
         b = latents.shape[0]
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         t_device = generator.device if generator is not None else latents.device
@@ -562,7 +589,8 @@ class Decoder(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ hooks for the modalities
-    def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None,
+                         posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def latents_to_media(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -236,9 +236,10 @@ class VideoDecoder(Decoder):
             return residual_layout(self.unet.config, latent_hw, "stacked", self.config.num_frames)
         return residual_layout(self.unet.config, latent_hw, "per_frame")
 
-    def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None,
+                         posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, t = media.shape[:2]
-        z = self._encode_media(media, generator)  # (B*T, c, h, w)
+        z = self._encode_media(media, generator, posterior)  # (B*T, c, h, w)
         z = z.view(b, t, *z.shape[1:])  # (B, T, c, h, w)
         return z.flatten(1, 2) if self.stacked else z.permute(0, 2, 1, 3, 4)  # (B, T*c, h, w) | (B, c, T, h, w)
 

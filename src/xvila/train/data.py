@@ -43,9 +43,10 @@ class ClipBatch:
 
     media: dict[str, Tensor]  # image (B, 3, H, W), video (B, T, 3, H, W), audio (B, S)
     captions: list[str]
+    keys: list[str] | None = None  # the clips' keys (unique in their dataset); None: unknown
 
     def to(self, device) -> ClipBatch:
-        return ClipBatch({m: x.to(device) for m, x in self.media.items()}, self.captions)
+        return ClipBatch({m: x.to(device) for m, x in self.media.items()}, self.captions, self.keys)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -163,14 +164,14 @@ class SampleStream:
         return int(_permutation(self.seed, i // n, n)[i % n])
 
     def sample(self, i: int):
-        """A conversation (list of messages), or (caption, media) of one aligned clip for task "clips"."""
+        """A conversation (list of messages), or (caption, media, key) of one aligned clip for task "clips"."""
         from xvila.data.tasks import TASKS, choose_task, clip_tensor, fit_media
 
         if self.clips_only:
             clip = self.source.clip(self.clip_index(i))
             shapes = self.task_spec.input_shapes
             media = {m: fit_media(m, clip_tensor(clip, m), shapes.get(m)) for m in MEDIA}
-            return clip.caption, media
+            return clip.caption, media, clip.key
         rng = np.random.default_rng([self.seed, i])
         n = len(self.source)
         for k in range(n):  # the first clip (from i on) that some task of the mixture applies to
@@ -190,8 +191,8 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 def make_batch(stream: SampleStream, indices: range, model, cache=None) -> Batch | ClipBatch:
     samples = [stream.sample(i) for i in indices]
     if stream.clips_only:
-        return ClipBatch({m: torch.stack([media[m] for _, media in samples]) for m in MEDIA},
-                         [caption for caption, _ in samples])
+        return ClipBatch({m: torch.stack([media[m] for _, media, _ in samples]) for m in MEDIA},
+                         [caption for caption, _, _ in samples], [key for _, _, key in samples])
     batch = collate(samples, model.tokenizer, model.config.llm.template, stream.spec.max_length)
     if cache is not None:
         from xvila.data.cache import media_keys

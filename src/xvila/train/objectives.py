@@ -64,6 +64,7 @@ class FoundationObjective(nn.Module):
                 if decoder.vae is None:
                     raise ValueError(f"foundation.autoencode trains the decoders' VAEs, but the {m} decoder has none "
                                      "(its config.vae is None): list the decoders with a VAE in foundation.decoders")
+        self._posteriors: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}  # modality -> clip key -> (mean, std)
         self.pairs = [tuple(p) for p in config.pairs] if config.contrastive > 0 else []
         used = {m for pair in self.pairs for m in pair}
         missing = used - set(self.encoder.modalities)
@@ -140,8 +141,27 @@ class FoundationObjective(nn.Module):
             if decoder.text_key not in conds:
                 with torch.no_grad():  # (B, Q, D_cond) from the frozen text encoder
                     conds[decoder.text_key] = decoder.encode_text(captions)
-            losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], conds[decoder.text_key])
+            losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], conds[decoder.text_key],
+                                                            posterior=self._posterior(m, decoder, batch))
         losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
+
+    def _posterior(self, m: str, decoder: nn.Module, batch: ClipBatch) -> tuple[Tensor, Tensor] | None:
+        """The frozen VAE's posterior of the batch's ``m`` media, kept from an earlier step for the clips seen
+        before (``FoundationConfig.posterior_cache``); None: let the decoder run its VAE."""
+        limit = self.config.posterior_cache
+        if limit <= 0 or decoder.vae is None or batch.keys is None:
+            return None
+        memo = self._posteriors.setdefault(m, {})
+        fresh = {}
+        missing = [i for i, key in enumerate(batch.keys) if key not in memo]
+        if missing:
+            mean, std = decoder.vae_posterior(batch.media[m][missing])  # (n, ...) or (n * T, ...) for video
+            for i, a, b in zip(missing, mean.chunk(len(missing)), std.chunk(len(missing))):
+                fresh[batch.keys[i]] = (a.clone(), b.clone())
+                if len(memo) < limit:
+                    memo[batch.keys[i]] = fresh[batch.keys[i]]
+        parts = [memo[key] if key in memo else fresh[key] for key in batch.keys]
+        return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
 
 class ProjectionObjective(nn.Module):
