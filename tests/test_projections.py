@@ -4,13 +4,23 @@ import torch
 from xvila.projections import InputProjection, InputProjectionConfig, OutputProjection, OutputProjectionConfig
 
 
-@pytest.mark.parametrize("source", ["pooled", "patch"])
+@pytest.mark.parametrize("source", ["pooled", "patch", "both"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_input_projection_shapes(source, kind):
-    proj = InputProjection(InputProjectionConfig(kind=kind, source=source, num_tokens=3),
-                           in_dim=16 if source == "pooled" else 24, llm_dim=32)
+    proj = InputProjection(InputProjectionConfig(kind=kind, source=source, num_tokens=3), patch_dim=24, llm_dim=32,
+                           pooled_dim=16)
     out = proj(torch.randn(5, 10, 24), torch.randn(5, 16))
     assert out.shape == (5, 3, 32)
+
+
+def test_both_source_puts_the_pooled_token_first_and_patch_groups_after():
+    torch.manual_seed(0)
+    proj = InputProjection(InputProjectionConfig(source="both", num_tokens=3), patch_dim=4, llm_dim=8, pooled_dim=2)
+    patches, pooled = torch.randn(1, 6, 4), torch.randn(1, 2)
+    out = proj(patches, pooled)
+    torch.testing.assert_close(out[:, 0], proj.pooled_proj(pooled))
+    torch.testing.assert_close(out[:, 1], proj.proj(patches[:, :3].mean(1)))  # 6 patches -> 2 groups of 3
+    torch.testing.assert_close(out[:, 2], proj.proj(patches[:, 3:].mean(1)))
 
 
 @pytest.mark.parametrize("cond_shape", [(77, 768), (1, 512), (4, 16)])
@@ -26,6 +36,10 @@ def test_output_projection_shapes(cond_shape):
 def test_projection_config_errors():
     with pytest.raises(ValueError, match="kind"):
         InputProjectionConfig(kind="conv")
+    with pytest.raises(ValueError, match="num_tokens must be >= 2"):
+        InputProjectionConfig(source="both", num_tokens=1)
+    with pytest.raises(ValueError, match="pooled embedding's size"):
+        InputProjection(InputProjectionConfig(source="both"), patch_dim=4, llm_dim=8)
     with pytest.raises(ValueError, match="divisible"):
         OutputProjectionConfig(width=30, heads=4)
 

@@ -86,6 +86,9 @@ class XVilaConfig(Config):
         return tiny.replace(
             llm=LLMConfig.smollm2(),
             decoders=decoders,
+            # the tiny encoders' pooled embedding separates the shapes far better than their patch tokens
+            # (linear probes, model card); the patch groups carry the motions
+            input_projection=InputProjectionConfig(source="both", num_tokens=5),
             output_projection=OutputProjectionConfig(width=128, heads=4, encoder_layers=1, decoder_layers=1),
         )
 

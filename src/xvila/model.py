@@ -62,6 +62,8 @@ class XVilaModel(nn.Module):
         self.llm, self.tokenizer = build_llm(config.llm, load_weights=load_weights or shipped, tokenizer=tokenizer)
         self._llm_fingerprint = base_fingerprint(self.llm) if shipped else None
         d = config.llm.hidden_size
+        words = self.llm.get_input_embeddings().weight
+        word_std = None if words.is_meta else float(words.detach().float().std())  # media tokens start at this scale
 
         added = [get_modality(m).placeholder for m in config.input_modalities]
         for m in config.output_modalities:
@@ -78,9 +80,8 @@ class XVilaModel(nn.Module):
         for m in config.input_modalities:
             if m not in self.encoder.modalities:
                 raise ValueError(f"the encoder has no {m!r} tower; it encodes {list(self.encoder.modalities)}")
-        in_dim = self.encoder.embed_dim if config.input_projection.source == "pooled" else None
         self.input_projections = nn.ModuleDict({
-            m: InputProjection(config.input_projection, in_dim or self.encoder.patch_dim(m), d)
+            m: InputProjection(config.input_projection, self.encoder.patch_dim(m), d, self.encoder.embed_dim, word_std)
             for m in config.input_modalities
         })
         self.output_projections = nn.ModuleDict({

@@ -20,40 +20,67 @@ from xvila.configuration import Config
 @dataclass
 class InputProjectionConfig(Config):
     kind: Literal["linear", "mlp"] = "linear"  # the paper uses one linear layer
-    source: Literal["pooled", "patch"] = "patch"  # the shared-space embedding, or the trunk's patch tokens
+    # "pooled": the shared-space embedding; "patch": the trunk's patch tokens; "both": one token from the pooled
+    # embedding, then num_tokens - 1 from the patch tokens (the pooled one carries what contrastive training
+    # concentrated there, e.g. a shape; the patch groups keep where and when, e.g. a motion)
+    source: Literal["pooled", "patch", "both"] = "patch"
     num_tokens: int = 4  # LLM tokens per media item
 
     def __post_init__(self):
         if self.kind not in ("linear", "mlp"):
             raise ValueError(f"input projection kind must be 'linear' or 'mlp', got {self.kind!r}")
-        if self.source not in ("pooled", "patch"):
-            raise ValueError(f"input projection source must be 'pooled' or 'patch', got {self.source!r}")
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
+        if self.source not in ("pooled", "patch", "both"):
+            raise ValueError(f"input projection source must be 'pooled', 'patch' or 'both', got {self.source!r}")
+        if self.num_tokens < (2 if self.source == "both" else 1):
+            raise ValueError(f"num_tokens must be >= {2 if self.source == 'both' else 1} for source "
+                             f"{self.source!r}, got {self.num_tokens}")
 
 
 class InputProjection(nn.Module):
     """Maps one encoder output to ``num_tokens`` LLM input embeddings per item."""
 
-    def __init__(self, config: InputProjectionConfig, in_dim: int, llm_dim: int):
+    def __init__(self, config: InputProjectionConfig, patch_dim: int, llm_dim: int, pooled_dim: int | None = None,
+                 out_std: float | None = None):
+        """``out_std``: the initial per-element std of the output tokens, e.g. that of the LLM's word embeddings
+        (None: PyTorch's default init, which gives media tokens several times the norm of word embeddings)."""
         super().__init__()
         self.config = config
         k = config.num_tokens
-        # pooled: one E-vector expands to K tokens; patch: N tokens are average-pooled to K, then projected.
-        out = llm_dim * k if config.source == "pooled" else llm_dim
-        if config.kind == "linear":
-            self.proj = nn.Linear(in_dim, out)
+        # pooled: one E-vector expands to K tokens; patch: N tokens are average-pooled to K, then projected;
+        # both: the E-vector gives one token (``pooled_proj``) and the patch tokens the other K - 1 (``proj``).
+        # Patch tokens come out of a LayerNorm (about unit variance per element); pooled embeddings have unit norm.
+        if config.source == "pooled":
+            self.proj = self._layer(pooled_dim, llm_dim, llm_dim * k, out_std, in_norm=1.0)
         else:
-            self.proj = nn.Sequential(nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, out))
+            self.proj = self._layer(patch_dim, llm_dim, llm_dim, out_std, in_norm=patch_dim**0.5)
+        if config.source == "both":
+            self.pooled_proj = self._layer(pooled_dim, llm_dim, llm_dim, out_std, in_norm=1.0)
         self.llm_dim = llm_dim
+
+    def _layer(self, in_dim: int | None, llm_dim: int, out: int, out_std: float | None, in_norm: float) -> nn.Module:
+        if in_dim is None:
+            raise ValueError(f"input projection source {self.config.source!r} needs the pooled embedding's size")
+        if self.config.kind == "linear":
+            layer = last = nn.Linear(in_dim, out)
+        else:
+            layer = nn.Sequential(nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, out))
+            last, in_norm = layer[2], (llm_dim / 2) ** 0.5  # about half the GELU's inputs pass
+        if out_std is not None:
+            nn.init.normal_(last.weight, std=out_std / in_norm)
+            nn.init.zeros_(last.bias)
+        return layer
 
     def forward(self, patch_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
         """patch_embeds (B, N, C), pooled_embeds (B, E) -> (B, K, D)."""
         k = self.config.num_tokens
         if self.config.source == "pooled":
             return self.proj(pooled_embeds).view(-1, k, self.llm_dim)
-        pooled = F.adaptive_avg_pool1d(patch_embeds.transpose(1, 2), k).transpose(1, 2)  # (B, K, C)
-        return self.proj(pooled)
+        groups = k - 1 if self.config.source == "both" else k
+        pooled = F.adaptive_avg_pool1d(patch_embeds.transpose(1, 2), groups).transpose(1, 2)  # (B, k', C)
+        tokens = self.proj(pooled)
+        if self.config.source == "both":
+            tokens = torch.cat([self.pooled_proj(pooled_embeds).unsqueeze(1), tokens], dim=1)
+        return tokens
 
 
 @dataclass
