@@ -116,7 +116,8 @@ class FoundationConfig(Config):
     # that classifier-free guidance samples with
     posterior_cache: int = 0  # denoising: keep the frozen VAEs' posteriors of up to this many clips in memory (per
     # decoder and process) and only sample from them when a clip comes again, instead of running the VAE encoder
-    # each time (same loss; 0: no cache). Costs clips x latent size, e.g. 4000 toy clips: about 70 MB for video
+    # each time (same loss; 0: no cache). A clip's media must be the same each time it comes (no random
+    # augmentation). Costs clips x latent size, e.g. 4000 toy clips: about 70 MB for video
 
     def __post_init__(self):
         weights = (self.contrastive, self.denoise, self.autoencode)
