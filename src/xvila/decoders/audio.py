@@ -402,10 +402,6 @@ class AudioDecoder(Decoder):
                 wave = griffin_lim(magnitude, self.window, self.config.mel, iters, length, generator)
         return wave.clamp(-1, 1)
 
-    def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None,
-                         posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        return self._encode_media(media, generator, posterior)  # (B, c, frames / f, n_mels / f)
-
     def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
         m = self.config.mel
         return (self.wave_to_mel(media)[:, None] - m.offset) / m.scale  # (B, 1, frames, n_mels), normalised

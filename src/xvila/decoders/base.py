@@ -278,15 +278,9 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- latent helpers
-def vae_encode(vae: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(N, C, H, W) VAE input -> scaled latents (N, c, h, w), a sample of the posterior (as SD training does)."""
-    z = vae.encode(x.to(vae.dtype)).latent_dist.sample(generator)
-    return scale_latents(vae, z)
-
-
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A sample of a diagonal Gaussian posterior, drawing the noise exactly as diffusers'
-    ``DiagonalGaussianDistribution.sample`` does (same shape, dtype and device, so the same random stream)."""
+    """A sample of a diagonal Gaussian posterior (as SD training draws its latents), drawing the noise exactly as
+    diffusers' ``DiagonalGaussianDistribution.sample`` does (same shape, dtype and device: the same random stream)."""
     return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
@@ -407,12 +401,12 @@ class Decoder(nn.Module):
 
     def _encode_media(self, media: torch.Tensor, generator: torch.Generator | None,
                       posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """(N, c, h, w): the scaled VAE latents of ``vae_inputs(media)``, or those inputs in pixel / mel space.
-        ``posterior``: that media's :meth:`vae_posterior`, computed earlier; only its sample is drawn here."""
-        if posterior is not None:
-            return scale_latents(self.vae, sample_posterior(*posterior, generator))
-        x = self.vae_inputs(media)
-        return x if self.vae is None else vae_encode(self.vae, x, generator)
+        """(N, c, h, w): the scaled VAE latents of ``vae_inputs(media)`` (a posterior sample), or those inputs in
+        pixel / mel space. ``posterior``: that media's :meth:`vae_posterior` if computed earlier."""
+        if self.vae is None:
+            return self.vae_inputs(media)
+        mean, std = posterior if posterior is not None else self.vae_posterior(media)
+        return scale_latents(self.vae, sample_posterior(mean, std, generator))
 
     @torch.no_grad()
     def vae_posterior(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -591,7 +585,9 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------------------------ hooks for the modalities
     def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None,
                          posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The denoiser's latents of ``media``: image (B, c, h, w), audio (B, c, frames / f, n_mels / f); a
+        modality whose VAE inputs are not one per item (video: one per frame) rearranges them."""
+        return self._encode_media(media, generator, posterior)
 
     def latents_to_media(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError

@@ -261,10 +261,6 @@ class ImageDecoder(Decoder):
         f = self.scale_factor
         return residual_layout(self.unet.config, (height // f, width // f))
 
-    def media_to_latents(self, media: torch.Tensor, generator: torch.Generator | None,
-                         posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        return self._encode_media(media, generator, posterior)  # (B, c, h, w)
-
     def vae_inputs(self, media: torch.Tensor) -> torch.Tensor:
         return media * 2 - 1  # (B, 3, H, W) in [-1, 1]
 
