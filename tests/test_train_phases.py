@@ -1,6 +1,8 @@
 """The smoke recipe end to end through the CLI function: every phase runs 2 steps, changes exactly the parameters of
 its trainable groups, keeps frozen parts out of the optimizer and unused decoders out of memory, and reports."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -43,15 +45,21 @@ def smoke(tmp_path_factory):
                      "trainable_missing": [n for n, p in model.named_parameters()
                                            if p.requires_grad and id(p) not in in_optimizer]})
 
-    with pytest.MonkeyPatch.context() as mp:
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(loop, "build_optimizer", recording_optimizer(record))
         rc = run_cli([str(SMOKE), f"output_dir={out}", "--no-progress"])
-    return {"rc": rc, "out": out, "recipe": read_recipe(SMOKE, [f"output_dir={out}"]), "seen": seen}
+    return {"rc": rc, "out": out, "recipe": read_recipe(SMOKE, [f"output_dir={out}"]), "seen": seen,
+            "stdout": stdout.getvalue()}
 
 
-def test_smoke_runs_every_phase_and_reports(smoke, capsys):
+def test_smoke_runs_every_phase_and_reports(smoke):
     assert smoke["rc"] == 0
     out, recipe = smoke["out"], smoke["recipe"]
+    lines = smoke["stdout"].splitlines()  # one line per phase as it ends, then the total
+    assert [line.split(":")[0] for line in lines[:-1]] == [f"phase {p.name}" for p in recipe.phases]
+    assert all(" steps (to step " in line and " s setting up)" in line for line in lines[:-1])
+    assert lines[-1].startswith(f"xvila train: {len(recipe.phases)} phases in ") and str(out) in lines[-1]
     for phase in recipe.phases:
         summary = json.loads((out / f"phase-{phase.name}" / "train_summary.json").read_text())
         assert summary["steps"] == phase.steps and summary["samples_per_s"] > 0 and summary["final_losses"]

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,10 +63,19 @@ def load(args: argparse.Namespace):
 
 
 def execute(args: argparse.Namespace) -> list:
+    """Run what the arguments ask for; each phase prints its summary line as it ends, and this prints the total."""
     from xvila.train.loop import train
 
+    t0 = time.perf_counter()
     recipe = load(args)
-    return train(recipe, resume=args.resume, phase=args.phase, init=args.init, progress=not args.no_progress)
+    summaries = train(recipe, resume=args.resume, phase=args.phase, init=args.init, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0 and summaries:
+        wall = time.perf_counter() - t0
+        loops = sum(s.time_s for s in summaries)
+        print(f"xvila train: {len(summaries)} phase{'s' if len(summaries) > 1 else ''} in {wall:.1f} s "
+              f"({wall / 60:.1f} min; {loops / 60:.1f} min of training loops), outputs in "
+              f"{os.path.dirname(summaries[-1].output)}", flush=True)
+    return summaries
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -76,17 +86,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from xvila.train.recipe import RecipeError
 
     try:
-        summaries = execute(args)
+        execute(args)
     except (RecipeError, TrainingError, CheckpointError, NonFiniteLossError) as e:
         raise CLIError(str(e)) from None
-    _print_summaries(summaries)
     return 0
-
-
-def _print_summaries(summaries) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        for s in summaries:
-            print(s.line())
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -104,14 +107,13 @@ def run_cli(argv: list[str] | None = None) -> int:
     from xvila.train.recipe import RecipeError
 
     try:
-        summaries = execute(args)
+        execute(args)
     except (RecipeError, TrainingError, CheckpointError, NonFiniteLossError) as e:
         print(f"xvila train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xvila train: interrupted", file=sys.stderr)
         return 130
-    _print_summaries(summaries)
     return 0
 
 

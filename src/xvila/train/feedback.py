@@ -3,6 +3,7 @@
 Only the main process reports. The JSONL log (``<output_dir>/metrics.jsonl``) has one object per line: a ``step``
 record every ``log_every`` steps (``loss``, every named loss, ``lr`` per component group, ``grad_norm``,
 ``samples_per_s``, ``skipped``), ``eval`` records, and one ``summary`` record at the end of each phase.
+Each phase's summary line (its time, throughput and final losses) is printed as the phase ends.
 TensorBoard event files go to ``<output_dir>/tensorboard/`` when the ``tensorboard`` package is installed
 (``pip install tensorboard``); without it the run logs a note and writes the JSONL log only.
 """
@@ -30,11 +31,13 @@ class PhaseSummary:
     final_losses: dict[str, float] = field(default_factory=dict)  # mean over the last logged steps
     skipped_steps: int = 0
     output: str | None = None
+    setup_s: float = 0.0  # before the first step: loading the start model, setting up the data (the projections
+    # objective's collection from the LLM included)
 
     def line(self) -> str:
         losses = " ".join(f"{k}={v:.4g}" for k, v in sorted(self.final_losses.items()) if "/" not in k)
-        return (f"phase {self.phase}: {self.steps} steps (to step {self.final_step}) in {self.time_s:.1f} s, "
-                f"{self.samples_per_s:.2f} samples/s; final {losses}"
+        return (f"phase {self.phase}: {self.steps} steps (to step {self.final_step}) in {self.time_s:.1f} s "
+                f"(+{self.setup_s:.1f} s setting up), {self.samples_per_s:.2f} samples/s; final {losses}"
                 + (f"; {self.skipped_steps} steps skipped (non-finite)" if self.skipped_steps else ""))
 
 
@@ -114,7 +117,7 @@ class Reporter:
         if not self.enabled:
             return
         self.write({"event": "summary", **asdict(summary)})
-        logger.info(summary.line())
+        print(summary.line(), flush=True)  # as each phase ends: a long recipe shows its phase times on the way
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}

@@ -191,6 +191,7 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
               ckpt: Path | None = None, init=None) -> PhaseSummary:
     from xvila.trainability import apply_trainability
 
+    t_start = time.perf_counter()
     phase = recipe.phases[index]
     strategy = make_strategy(runtime, recipe.distributed)
     if isinstance(strategy, DeepSpeedStrategy) and (phase.grad_accum != 1 or phase.checkpoint_every or ckpt):
@@ -310,7 +311,7 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
     final = out / f"phase-{phase.name}"
     summary = PhaseSummary(phase.name, steps_run, phase.steps, round(elapsed, 3), steps_run * global_batch,
                            round(steps_run * global_batch / max(elapsed, 1e-9), 3), reporter.final_losses(),
-                           skipped, str(final))
+                           skipped, str(final), round(t_phase - t_start, 3))
     if ema is not None:
         ema.copy_to_params()
     export = strategy.export_model(objective, model, rebuild=build)
