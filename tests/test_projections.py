@@ -102,3 +102,39 @@ def test_generation_state_batches_follow_the_micro_slot():
     assert not torch.equal(first.states["video"][0], second.states["video"][0])
     h, e = first.states["video"]
     assert torch.equal(h[:, 0, 0] / 4, e[:, 0, 0]) and len(first) == 3  # rows stay paired
+
+
+@pytest.mark.parametrize("phase_precision,collect,expected", [
+    ("no", None, False), ("bf16", None, True), ("no", "bf16", True), ("bf16", "no", False)])
+def test_projections_phase_collects_in_its_collect_precision(monkeypatch, phase_precision, collect, expected):
+    """``projections.collect_precision`` sets the autocast of the LLM pass that collects the states (the phase's
+    ``precision`` when it is left out), independently of the precision the projections train in."""
+    from xvila.train import loop
+    from xvila.train.config import PhaseConfig
+    from xvila.train.distributed import Runtime
+
+    seen = []
+
+    class Collected(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        raise Collected
+
+    monkeypatch.setattr(loop, "collect_generation_states", record)
+    phase = PhaseConfig.from_dict({
+        "name": "p", "objective": "projections", "precision": phase_precision,
+        "projections": {"samples": 4, **({"collect_precision": collect} if collect else {})},
+        "trainable": {"groups": {"output_projections": "full"}},
+        "data": {"source": "world:4", "tasks": {"text->image": 1.0}}})
+    with pytest.raises(Collected):
+        loop.phase_batches(phase, torch.nn.Linear(1, 1), Runtime(0, 1, 0, torch.device("cpu")), 0)
+    assert seen == [expected]
+
+
+def test_collect_precision_is_checked():
+    from xvila.train.config import ProjectionsConfig
+
+    with pytest.raises(ValueError, match="collect_precision 'fp16'"):
+        ProjectionsConfig(collect_precision="fp16")

@@ -151,10 +151,17 @@ class ProjectionsConfig(Config):
 
     samples: int = 1600  # conversations run through the LLM (split among the processes)
     standardize: bool = True  # set each projection's input statistics from the collected hidden states
+    # precision of the LLM pass that collects the states ("no" | "bf16"); None: the phase's ``precision``, which also
+    # sets the projections' training. On the 2-core dev machine bf16 collects about 2x faster (11.7-11.9 against
+    # 5.1-6.2 conversations/s), with states at a cosine of 0.9996 to fp32's.
+    collect_precision: str | None = None
 
     def __post_init__(self):
         if self.samples < 1:
             raise ValueError(f"projections.samples must be >= 1, got {self.samples}")
+        if self.collect_precision is not None and self.collect_precision not in PRECISIONS:
+            raise ValueError(f"projections.collect_precision {self.collect_precision!r}; choose one of "
+                             f"{list(PRECISIONS)} (or leave it out: the phase's precision)")
 
 
 @dataclass

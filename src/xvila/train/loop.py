@@ -199,6 +199,8 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
                             "gradient_accumulation_steps: 1 in its JSON) and checkpoint_every: 0; checkpoints and "
                             "resume are not implemented for it")
     check_precision(phase.precision, runtime.device)
+    if phase.objective == "projections" and phase.projections.collect_precision:
+        check_precision(phase.projections.collect_precision, runtime.device)
     state = ckpt_io.read_state(ckpt) if ckpt is not None else None
     if state is not None and state["recipe"]["phases"][index] != phase.to_dict():
         logger.warning("phase %s: the recipe differs from the one %s was written with; continuing with the new one",
@@ -417,7 +419,7 @@ def phase_batches(phase: PhaseConfig, model, runtime: Runtime, data_seed: int, *
     samples = phase.eval_batches * phase.batch_size * world if held_out else phase.projections.samples
     was_training = model.training
     model.eval()
-    with autocast(phase.precision, runtime.device):
+    with autocast(phase.projections.collect_precision or phase.precision, runtime.device):
         states = collect_generation_states(phase.data, model, samples=samples, batch_size=phase.batch_size,
                                            rank=rank, world_size=world, seed=data_seed, source=source,
                                            progress=progress)
