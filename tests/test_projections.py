@@ -42,6 +42,48 @@ def test_projection_config_errors():
         InputProjection(InputProjectionConfig(source="both"), patch_dim=4, llm_dim=8)
     with pytest.raises(ValueError, match="divisible"):
         OutputProjectionConfig(width=30, heads=4)
+    with pytest.raises(ValueError, match="vocabulary_scale"):
+        InputProjectionConfig(vocabulary_scale=-1.0)
+
+
+def test_vocabulary_projection_gives_mixtures_of_the_llm_words():
+    """With ``vocabulary_scale`` each token is a softmax mixture of the word embeddings by cosine similarity: a large
+    scale picks the nearest word itself; the plain vectors are what ``project`` returns."""
+    torch.manual_seed(0)
+    words = torch.randn(50, 8)
+    patches, pooled = torch.randn(3, 6, 4), torch.randn(3, 2)
+    sharp = InputProjection(InputProjectionConfig(source="both", num_tokens=3, vocabulary_scale=1e4), 4, 8, 2)
+    vectors = sharp.project(patches, pooled)  # (3, 3, 8)
+    cosine = torch.nn.functional.normalize(vectors, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).T
+    torch.testing.assert_close(sharp(patches, pooled, words), words[cosine.argmax(-1)])
+
+    soft = InputProjection(InputProjectionConfig(source="both", num_tokens=3, vocabulary_scale=2.0), 4, 8, 2)
+    soft.load_state_dict(sharp.state_dict())
+    weights = (2.0 * cosine).softmax(-1)
+    torch.testing.assert_close(soft(patches, pooled, words), weights @ words)
+    assert weights.max() < 0.5  # a real mixture, not one word
+    with pytest.raises(ValueError, match="word embeddings"):
+        soft(patches, pooled)
+
+
+def test_model_with_a_vocabulary_projection_mixes_its_llm_words(tmp_path):
+    """The model hands its LLM's pretrained word table (not the added tokens' rows) to the projections, and the
+    setting survives save / load."""
+    from xvila.config import XVilaConfig
+    from xvila.model import XVilaModel
+
+    config = XVilaConfig.tiny()
+    config = config.replace(input_projection=config.input_projection.replace(vocabulary_scale=1e4))
+    model = XVilaModel(config).eval()
+    words = model.word_embeddings()
+    assert words.shape[0] == model.llm.get_input_embeddings().first_new_id
+    encoded = {"image": model.encode("image", torch.rand(2, *model.input_shape("image")))}
+    tokens = model.project_inputs(encoded)[model.placeholder_ids["image"]]  # (2, K, D)
+    # every media token is (all but exactly) one of the pretrained words
+    distance = torch.cdist(tokens.reshape(-1, tokens.shape[-1]), words).min(-1).values
+    assert distance.max() < 1e-3
+    model.save_pretrained(tmp_path / "m")
+    assert XVilaModel.from_pretrained(tmp_path / "m").config.input_projection.vocabulary_scale == 1e4
 
 
 def test_standardize_sets_input_statistics_and_keeps_the_output_finite():

@@ -200,3 +200,40 @@ def test_vae_phase_trains_only_the_vaes_and_saves_their_latent_statistics(tmp_pa
         vae = trained.decoder(m).vae
         assert saved["decoders"][m]["vae"]["latents_mean"] == list(vae.config.latents_mean)
         assert len(vae.config.latents_std) == vae.config.latent_channels
+
+
+def test_words_phase_trains_only_the_input_projections_and_lowers_the_word_loss(tmp_path):
+    """A foundation phase with ``words``: no LLM pass; the input projections alone learn to name each caption's
+    words through the LLM's word table; it needs projections that mix words."""
+    import yaml
+
+    config = XVilaConfig.tiny()
+    config = config.replace(input_projection=config.input_projection.replace(vocabulary_scale=20.0))
+    phase = {"name": "words", "objective": "foundation", "steps": 12, "batch_size": 8, "log_every": 1,
+             "foundation": {"contrastive": 0.0, "denoise": 0.0, "words": 1.0},
+             "optimizer": {"lr": 1.0e-2}, "schedule": {"kind": "constant"},
+             "trainable": {"groups": {"input_projections": "full"}},
+             "data": {"source": "world:8", "tasks": {"clips": 1.0}}}
+    recipe = tmp_path / "words.yaml"
+    recipe.write_text(yaml.safe_dump({"model": config.to_dict(), "output_dir": str(tmp_path / "run"),
+                                      "phases": [phase]}))
+    trained_names = []
+
+    def record(model, in_optimizer):
+        trained_names.extend(n for n, p in model.named_parameters() if id(p) in in_optimizer)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "build_optimizer", recording_optimizer(record))
+        assert run_cli([str(recipe), "--no-progress"]) == 0
+    assert trained_names and {n.split(".")[0] for n in trained_names} == {"input_projections"}
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert {"words", "words/image", "words/video", "words/audio"} <= set(steps[0]["losses"])
+    # 8 clips, seen again and again: the projections learn to name their words
+    assert steps[-1]["losses"]["words"] < 0.8 * steps[0]["losses"]["words"]
+
+    plain = {**phase, "name": "plain"}
+    recipe.write_text(yaml.safe_dump({"model": XVilaConfig.tiny().to_dict(), "output_dir": str(tmp_path / "run2"),
+                                      "phases": [plain]}))
+    with pytest.raises(ValueError, match="vocabulary_scale"):
+        run_cli([str(recipe), "--no-progress"])

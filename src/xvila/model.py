@@ -187,11 +187,17 @@ class XVilaModel(nn.Module):
     def project_inputs(self, encoded: dict[str, EncoderOutput]) -> dict[int, Tensor]:
         """Projected media tokens keyed by placeholder id: {id: (N, K, D)}."""
         out = {}
+        words = self.word_embeddings() if self.config.input_projection.vocabulary_scale else None
         for m, enc in encoded.items():
             if m not in self.input_projections:
                 raise ValueError(f"{m!r} is not an input modality of this model: {self.config.input_modalities}")
-            out[self.placeholder_ids[m]] = self.input_projections[m](enc.patch_embeds, enc.pooled_embeds)
+            out[self.placeholder_ids[m]] = self.input_projections[m](enc.patch_embeds, enc.pooled_embeds, words)
         return out
+
+    def word_embeddings(self) -> Tensor:
+        """The LLM's pretrained word embeddings (V, D), without the added tokens' rows; never trained here."""
+        table = self.llm.get_input_embeddings()
+        return getattr(table, "base", table).weight.detach()
 
     def embed(
         self, input_ids: Tensor, attention_mask: Tensor, encoded: dict[str, EncoderOutput],

@@ -25,6 +25,9 @@ class InputProjectionConfig(Config):
     # concentrated there, e.g. a shape; the patch groups keep where and when, e.g. a motion)
     source: Literal["pooled", "patch", "both"] = "patch"
     num_tokens: int = 4  # LLM tokens per media item
+    # > 0: each token becomes a softmax mixture of the LLM's own word embeddings, weighted by cosine similarity times
+    # this scale, so the LLM reads media as (soft) words it already knows; 0: the projected vectors as they are
+    vocabulary_scale: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("linear", "mlp"):
@@ -34,6 +37,8 @@ class InputProjectionConfig(Config):
         if self.num_tokens < (2 if self.source == "both" else 1):
             raise ValueError(f"num_tokens must be >= {2 if self.source == 'both' else 1} for source "
                              f"{self.source!r}, got {self.num_tokens}")
+        if self.vocabulary_scale < 0:
+            raise ValueError(f"vocabulary_scale must be >= 0 (0: off), got {self.vocabulary_scale}")
 
 
 class InputProjection(nn.Module):
@@ -70,8 +75,18 @@ class InputProjection(nn.Module):
             nn.init.zeros_(last.bias)
         return layer
 
-    def forward(self, patch_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
-        """patch_embeds (B, N, C), pooled_embeds (B, E) -> (B, K, D)."""
+    def forward(self, patch_embeds: Tensor, pooled_embeds: Tensor, words: Tensor | None = None) -> Tensor:
+        """patch_embeds (B, N, C), pooled_embeds (B, E) -> (B, K, D). ``words`` (V, D): the LLM's word embeddings,
+        needed when ``vocabulary_scale`` is set."""
+        tokens = self.project(patch_embeds, pooled_embeds)
+        if not self.config.vocabulary_scale:
+            return tokens
+        if words is None:
+            raise ValueError("an input projection with vocabulary_scale > 0 needs the LLM's word embeddings")
+        return self.mix_words(tokens, words)
+
+    def project(self, patch_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
+        """The projected vectors (B, K, D), before any mixing of words."""
         k = self.config.num_tokens
         if self.config.source == "pooled":
             return self.proj(pooled_embeds).view(-1, k, self.llm_dim)
@@ -81,6 +96,14 @@ class InputProjection(nn.Module):
         if self.config.source == "both":
             tokens = torch.cat([self.pooled_proj(pooled_embeds).unsqueeze(1), tokens], dim=1)
         return tokens
+
+    def word_logits(self, tokens: Tensor, words: Tensor) -> Tensor:
+        """(B, K, D) vectors -> (B, K, V): scaled cosine similarity to each word embedding (V, D)."""
+        return self.config.vocabulary_scale * F.normalize(tokens.float(), dim=-1) @ F.normalize(words.float(), dim=-1).T
+
+    def mix_words(self, tokens: Tensor, words: Tensor) -> Tensor:
+        """(B, K, D) vectors -> (B, K, D) softmax mixtures of the word embeddings (V, D)."""
+        return (self.word_logits(tokens, words).softmax(-1) @ words.float()).to(tokens.dtype)
 
 
 @dataclass

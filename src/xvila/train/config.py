@@ -98,13 +98,17 @@ def parse_source(source: str) -> tuple[str, str | None, int | None]:
 
 @dataclass
 class FoundationConfig(Config):
-    """Phase 0 (tiny models only): ImageBind-style contrastive training of the encoders and text->X training of the
-    decoders conditioned on their own text encoders. Used when ``PhaseConfig.objective == "foundation"``."""
+    """Phase 0 (tiny models only): ImageBind-style contrastive training of the encoders, text->X training of the
+    decoders conditioned on their own text encoders, and the word pre-alignment of input projections that mix words
+    (``InputProjectionConfig.vocabulary_scale``). Used when ``PhaseConfig.objective == "foundation"``."""
 
     contrastive: float = 1.0  # weight of the symmetric InfoNCE loss, averaged over ``pairs``
     denoise: float = 1.0  # weight of the decoders' denoising loss on captioned media, averaged over ``decoders``
     autoencode: float = 0.0  # weight of the decoders' VAE reconstruction loss (train group "vaes"), averaged over
     # ``decoders``; the phase then sets each VAE's per-channel latent statistics (Decoder.calibrate_latents)
+    words: float = 0.0  # weight of the word loss of the input projections (train group "input_projections"), no
+    # LLM pass: each word of a clip's caption should be the likeliest word of one of the clip's media tokens,
+    # weighted by its inverse document frequency among the captions seen so far (so "a" and "," count little)
     vae_kl: float = 1.0e-4  # weight of the VAE posterior's KL term (per input element) in the autoencode loss
     vae_inputs: int | None = None  # at most this many VAE inputs per decoder and micro-batch, drawn at random (a
     # video clip gives one per frame); None: all
@@ -120,10 +124,10 @@ class FoundationConfig(Config):
     # augmentation). Costs clips x latent size, e.g. 4000 toy clips: about 70 MB for video
 
     def __post_init__(self):
-        weights = (self.contrastive, self.denoise, self.autoencode)
+        weights = (self.contrastive, self.denoise, self.autoencode, self.words)
         if min(weights) < 0 or sum(weights) <= 0 or self.vae_kl < 0:
-            raise ValueError("foundation: contrastive, denoise, autoencode and vae_kl weights must be >= 0, and one "
-                             "of the first three > 0")
+            raise ValueError("foundation: contrastive, denoise, autoencode, words and vae_kl weights must be >= 0, "
+                             "and one of the first four > 0")
         if self.vae_inputs is not None and self.vae_inputs < 1:
             raise ValueError(f"foundation.vae_inputs must be >= 1 or null, got {self.vae_inputs}")
         if self.denoise > 0 and self.autoencode > 0:

@@ -4,7 +4,8 @@
 - :class:`ProjectionObjective`: textual alignment of the output projections on states collected from the frozen LLM;
 - :class:`FoundationObjective`: phase 0 for tiny models, which the model's forward does not compute:
   ImageBind-style symmetric InfoNCE between the encoder's embeddings of aligned image / video / audio / caption,
-  and text->X denoising of each decoder conditioned on its own (frozen) text encoder.
+  text->X denoising of each decoder conditioned on its own (frozen) text encoder, and the word pre-alignment of
+  input projections that mix the LLM's words.
 
 An objective holds only the parts of the model it uses, so the distributed wrapper (DDP / FSDP) sees and syncs
 those and nothing else.
@@ -12,6 +13,7 @@ those and nothing else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +73,16 @@ class FoundationObjective(nn.Module):
         if missing:
             raise ValueError(f"foundation pairs use {sorted(missing)} but the encoder has no such tower; its "
                              f"modalities: {list(self.encoder.modalities)}")
+        self.input_projections = nn.ModuleDict()
+        if config.words > 0:
+            if not model.config.input_projection.vocabulary_scale:
+                raise ValueError("foundation.words pre-aligns input projections that mix the LLM's words: set the "
+                                 "model's input_projection.vocabulary_scale (> 0)")
+            self.input_projections.update({m: model.input_projections[m] for m in model.config.input_modalities})
+            self.llm_tokenizer = model.tokenizer
+            self.register_buffer("word_table", model.word_embeddings(), persistent=False)  # (V, D), frozen
+            self._word_counts: dict[int, int] = {}  # token id -> captions seen that hold it
+            self._captions_seen = 0
         self.text_tokenizer = None
         if "text" in used:
             from xvila.text import build_tokenizer
@@ -93,9 +105,10 @@ class FoundationObjective(nn.Module):
         towers = {"image": "vision", "video": "vision", "audio": "audio", "text": "text"}
         used = {towers[m] for pair in self.pairs for m in pair}
         blocks = [b for t in used for b in self.encoder.modality_trunks[t].modules() if isinstance(b, Block)]
+        projections = list(self.input_projections.values())
         if self.config.autoencode > 0:
-            return blocks + [d.vae for d in self.decoders.values()]
-        return blocks + [d.denoiser for d in self.decoders.values()]
+            return blocks + [d.vae for d in self.decoders.values()] + projections
+        return blocks + [d.denoiser for d in self.decoders.values()] + projections
 
     def text_ids(self, captions: list[str], device) -> Tensor:
         """Captions -> (B, L) ids for the encoder's text tower: truncated, ended with the end token, padded."""
@@ -127,8 +140,11 @@ class FoundationObjective(nn.Module):
             losses["autoencode"] = torch.stack([losses[f"autoencode/{m}"] for m in self.decoders]).mean()
         if self.config.denoise > 0 and self.decoders:
             self._denoise(batch, losses)
+        if self.input_projections:
+            self._words(batch, losses)
         parts = [w * losses[n] for n, w in (("contrastive", self.config.contrastive), ("denoise", self.config.denoise),
-                                            ("autoencode", self.config.autoencode)) if n in losses]
+                                            ("autoencode", self.config.autoencode), ("words", self.config.words))
+                 if n in losses]
         return StepOutput(torch.stack(parts).sum(), {k: v.detach() for k, v in losses.items()})
 
     def _denoise(self, batch: ClipBatch, losses: dict[str, Tensor]) -> None:
@@ -144,6 +160,33 @@ class FoundationObjective(nn.Module):
             losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], conds[decoder.text_key],
                                                             posterior=self._posterior(m, decoder, batch))
         losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
+
+    def _words(self, batch: ClipBatch, losses: dict[str, Tensor]) -> None:
+        """Each caption word's negative log-likelihood under the likeliest of the clip's media tokens (their word
+        logits, ``InputProjection.word_logits``), weighted by the word's inverse document frequency."""
+        captions = [" " + c.strip() for c in batch.captions]
+        ids = self.llm_tokenizer(captions, add_special_tokens=False).input_ids
+        if self.training:
+            for row in ids:
+                for t in set(row):
+                    self._word_counts[t] = self._word_counts.get(t, 0) + 1
+            self._captions_seen += len(ids)
+        seen = max(self._captions_seen, 1)
+        length = max(1, max(map(len, ids)))
+        targets = torch.zeros(len(ids), length, dtype=torch.long)
+        weights = torch.zeros(len(ids), length)
+        for row, x in enumerate(ids):
+            targets[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            weights[row, : len(x)] = torch.tensor([math.log(seen / self._word_counts.get(t, 1)) + 1e-3 for t in x])
+        device = self.word_table.device
+        targets, weights = targets.to(device), weights.to(device)
+        for m, projection in self.input_projections.items():
+            encoded = self.encoder(m, batch.media[m])
+            tokens = projection.project(encoded.patch_embeds, encoded.pooled_embeds)  # (B, K, D)
+            logp = projection.word_logits(tokens, self.word_table).log_softmax(-1)  # (B, K, V)
+            nll = -logp.gather(2, targets[:, None, :].expand(-1, logp.shape[1], -1))  # (B, K, L)
+            losses[f"words/{m}"] = (nll.min(1).values * weights).sum() / weights.sum()
+        losses["words"] = torch.stack([losses[f"words/{m}"] for m in self.input_projections]).mean()
 
     def _posterior(self, m: str, decoder: nn.Module, batch: ClipBatch) -> tuple[Tensor, Tensor] | None:
         """The frozen VAE's posterior of the batch's ``m`` media, kept from an earlier step for the clips seen
