@@ -162,11 +162,29 @@ def test_feature_cache_gives_the_same_losses(tmp_path):
     assert list((tmp_path / "cached" / "feature-cache").rglob("*.safetensors"))
 
 
+def run_one_phase(tmp_path, config: XVilaConfig, phase: dict, run: str = "run") -> tuple[list[str], list[dict]]:
+    """Run a one-phase recipe on ``config`` through the CLI; returns the names of the parameters its optimizer held
+    and its step records from metrics.jsonl. The output lands in ``tmp_path / run``."""
+    import yaml
+
+    recipe = tmp_path / f"{run}.yaml"
+    recipe.write_text(yaml.safe_dump({"model": config.to_dict(), "output_dir": str(tmp_path / run),
+                                      "phases": [phase]}))
+    trained_names = []
+
+    def record(model, in_optimizer):
+        trained_names.extend(n for n, p in model.named_parameters() if id(p) in in_optimizer)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "build_optimizer", recording_optimizer(record))
+        assert run_cli([str(recipe), "--no-progress"]) == 0
+    records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    return trained_names, [r for r in records if r["event"] == "step"]
+
+
 def test_vae_phase_trains_only_the_vaes_and_saves_their_latent_statistics(tmp_path):
     """A foundation phase with ``autoencode``: the VAEs learn (the UNets do not), and each VAE's per-channel latent
     statistics land in the saved config, so the next phase's denoisers and a reloaded model use them."""
-    import yaml
-
     from xvila.config import DecodersConfig
     from xvila.decoders import AudioDecoderConfig, ImageDecoderConfig, VideoDecoderConfig
 
@@ -177,22 +195,11 @@ def test_vae_phase_trains_only_the_vaes_and_saves_their_latent_statistics(tmp_pa
     phase = {"name": "vaes", "objective": "foundation", "steps": 2, "batch_size": 2, "log_every": 1,
              "foundation": {"contrastive": 0.0, "denoise": 0.0, "autoencode": 1.0, "vae_inputs": 3},
              "trainable": {"groups": {"vaes": "full"}}, "data": {"source": "world:16", "tasks": {"clips": 1.0}}}
-    recipe = tmp_path / "vaes.yaml"
-    recipe.write_text(yaml.safe_dump({"model": config.to_dict(), "output_dir": str(tmp_path / "run"),
-                                      "phases": [phase]}))
-    trained_names = []
-
-    def record(model, in_optimizer):
-        trained_names.extend(n for n, p in model.named_parameters() if id(p) in in_optimizer)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "build_optimizer", recording_optimizer(record))
-        assert run_cli([str(recipe), "--no-progress"]) == 0
+    trained_names, steps = run_one_phase(tmp_path, config, phase)
     assert trained_names and {n.split(".")[2] for n in trained_names} == {"vae"}  # decoders.<m>.vae.*
     assert {n.split(".")[1] for n in trained_names} == {"image", "video", "audio"}
     out = tmp_path / "run" / "phase-vaes"
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = next(r for r in records if r["event"] == "step")["losses"]
+    losses = steps[0]["losses"]
     assert {"autoencode/image", "autoencode/video", "autoencode/audio"} <= set(losses)
     trained = XVilaModel.from_pretrained(out)
     saved = json.loads((out / "config.json").read_text())
@@ -205,8 +212,6 @@ def test_vae_phase_trains_only_the_vaes_and_saves_their_latent_statistics(tmp_pa
 def test_words_phase_trains_only_the_input_projections_and_lowers_the_word_loss(tmp_path):
     """A foundation phase with ``words``: no LLM pass; the input projections alone learn to name each caption's
     words through the LLM's word table; it needs projections that mix words."""
-    import yaml
-
     config = XVilaConfig.tiny()
     config = config.replace(input_projection=config.input_projection.replace(vocabulary_scale=20.0))
     phase = {"name": "words", "objective": "foundation", "steps": 12, "batch_size": 8, "log_every": 1,
@@ -214,26 +219,11 @@ def test_words_phase_trains_only_the_input_projections_and_lowers_the_word_loss(
              "optimizer": {"lr": 1.0e-2}, "schedule": {"kind": "constant"},
              "trainable": {"groups": {"input_projections": "full"}},
              "data": {"source": "world:8", "tasks": {"clips": 1.0}}}
-    recipe = tmp_path / "words.yaml"
-    recipe.write_text(yaml.safe_dump({"model": config.to_dict(), "output_dir": str(tmp_path / "run"),
-                                      "phases": [phase]}))
-    trained_names = []
-
-    def record(model, in_optimizer):
-        trained_names.extend(n for n, p in model.named_parameters() if id(p) in in_optimizer)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "build_optimizer", recording_optimizer(record))
-        assert run_cli([str(recipe), "--no-progress"]) == 0
+    trained_names, steps = run_one_phase(tmp_path, config, phase)
     assert trained_names and {n.split(".")[0] for n in trained_names} == {"input_projections"}
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r["event"] == "step"]
     assert {"words", "words/image", "words/video", "words/audio"} <= set(steps[0]["losses"])
     # 8 clips, seen again and again: the projections learn to name their words
     assert steps[-1]["losses"]["words"] < 0.8 * steps[0]["losses"]["words"]
 
-    plain = {**phase, "name": "plain"}
-    recipe.write_text(yaml.safe_dump({"model": XVilaConfig.tiny().to_dict(), "output_dir": str(tmp_path / "run2"),
-                                      "phases": [plain]}))
-    with pytest.raises(ValueError, match="vocabulary_scale"):
-        run_cli([str(recipe), "--no-progress"])
+    with pytest.raises(ValueError, match="vocabulary_scale"):  # plain vectors: nothing to name words with
+        run_one_phase(tmp_path, XVilaConfig.tiny(), {**phase, "name": "plain"}, run="run2")
