@@ -198,5 +198,59 @@ def test_highway_errors(decoders):
 
 
 def test_highway_config_round_trip():
-    cfg = HighwayConfig(hidden_channels=32, blocks_per_level=2, strength=0.5)
+    cfg = HighwayConfig(hidden_channels=32, blocks_per_level=2, strength=0.5, unpatchify=2, loss_timestep_power=2.0)
     assert HighwayConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unpatchify_gives_each_token_its_own_block_of_cells(decoders):
+    layout = ResidualLayout(down=((8, 8, 8), (8, 4, 4)), mid=(8, 4, 4))  # an 8x8 latent, as in xvila-tiny
+    torch.manual_seed(0)
+    plain = VisualHighway(HighwayConfig(hidden_channels=16), PATCH_DIM, layout)
+    split = VisualHighway(HighwayConfig(hidden_channels=16, unpatchify=2), PATCH_DIM, layout)
+    one_token = torch.zeros(1, 16, PATCH_DIM)
+    one_token[0, 1 * 4 + 2] = torch.randn(PATCH_DIM)  # row 1, column 2 of the 4x4 grid
+    with torch.no_grad():
+        split.token_proj.bias.zero_()
+        plain.token_proj.bias.zero_()
+        cells = split.token_map(one_token, GRID, None)[0].abs().sum(0)  # (8, 8): no resize needed
+        blurred = plain.token_map(one_token, GRID, None)[0].abs().sum(0)  # 4x4, then resized to 8x8
+    assert cells[2:4, 4:6].min() > 0 and cells.sum() == cells[2:4, 4:6].sum()  # exactly the token's 2x2 block
+    assert len(set(cells[2:4, 4:6].flatten().tolist())) == 4  # four different cells, not one value repeated
+    assert (blurred > 0).sum() > 4  # one cell per token, then a bilinear resize: it spreads to the neighbours
+    # any decoder resolution still works: the map is resized to it (here a 32x32 pixel-space UNet)
+    res = perturb(highway_for(decoders["image"], unpatchify=2))(patches(), GRID)
+    assert [tuple(r.shape[1:]) for r in res.down] == list(decoders["image"].residual_shapes(32, 32).down)
+    with pytest.raises(ValueError, match="unpatchify"):
+        HighwayConfig(unpatchify=0)
+
+
+def drawn_timesteps(decoder, monkeypatch, batch: int = 512, **kwargs) -> torch.Tensor:
+    """The timesteps one denoising_loss call draws (the call stops there)."""
+    seen = []
+
+    class Drawn(Exception):
+        pass
+
+    def add_noise(latents, noise, timesteps):
+        seen.append(timesteps)
+        raise Drawn
+
+    monkeypatch.setattr(decoder.noise_scheduler, "add_noise", add_noise)
+    cond = decoder.encode_text(["a red circle"]).expand(batch, -1, -1)
+    with pytest.raises(Drawn):
+        decoder.denoising_loss(media_for(decoder, batch), cond, generator=torch.Generator().manual_seed(0), **kwargs)
+    return seen[0]
+
+
+def test_timestep_power_favours_the_noisiest_steps(decoders, monkeypatch):
+    decoder = decoders["image"]
+    num_train = decoder.noise_scheduler.config.num_train_timesteps
+    uniform = drawn_timesteps(decoder, monkeypatch)
+    noisy = drawn_timesteps(decoder, monkeypatch, timestep_power=3.0)
+    assert noisy.dtype == uniform.dtype and 0 <= noisy.min() and noisy.max() < num_train
+    # p = 3: P(t > T/2) = 1 - 0.5**3 = 0.875, against 0.5 for uniform draws
+    assert (noisy > num_train / 2).float().mean() > 0.8 > 0.6 > (uniform > num_train / 2).float().mean() > 0.4
+    with pytest.raises(ValueError, match="timestep_power"):
+        drawn_timesteps(decoder, monkeypatch, timestep_power=0.0)
+    with pytest.raises(ValueError, match="loss_timestep_power"):
+        HighwayConfig(loss_timestep_power=-1.0)

@@ -267,3 +267,24 @@ def test_saving_a_loaded_model_copies_unbuilt_decoders(model, tmp_path):
     model.load_decoders()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_highway_loss_trains_at_full_strength_with_the_configured_timesteps(config, monkeypatch):
+    from xvila.decoders.base import Decoder
+
+    torch.manual_seed(0)
+    # strength 0 switches the highway off when sampling, not when training
+    model = XVilaModel(config.replace(highway=config.highway.replace(loss_timestep_power=2.5, strength=0.0)))
+    powers = []
+    plain = Decoder.denoising_loss
+
+    def recording(self, *args, **kwargs):
+        powers.append(kwargs.get("timestep_power", 1.0))
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "denoising_loss", recording)
+    model(batch_of(model), LossWeights(lm=0.0, align=0.0, denoise=1.0, highway=1.0)).loss.backward()
+    # the plain denoising loss keeps uniform draws; only the highway's favours the noisiest steps
+    assert sorted(powers) == [1.0, 1.0, 1.0, 2.5, 2.5]
+    for highway in model.highways.values():
+        assert highway.mid_conv.weight.grad.abs().sum() > 0

@@ -90,6 +90,9 @@ class XVilaConfig(Config):
             # (linear probes, model card); the patch groups carry the motions
             input_projection=InputProjectionConfig(source="both", num_tokens=5),
             output_projection=OutputProjectionConfig(width=128, heads=4, encoder_layers=1, decoder_layers=1),
+            # each patch token of the 4x4 grid gives a 2x2 block of the 8x8 latent map; the loss favours the noisiest
+            # steps; sampling at strength 2 (model card: IoU with a true caption and with the LLM's answers)
+            highway=HighwayConfig(hidden_channels=32, unpatchify=2, loss_timestep_power=2.0, strength=2.0),
         )
 
     @classmethod

@@ -4,8 +4,9 @@ X-VILA lets visual features bypass the LLM: the visual encoder's patch tokens of
 video are turned into residuals added to the decoder UNet's down-block and mid-block outputs (the ControlNet
 interface of diffusers: ``down_block_additional_residuals`` / ``mid_block_additional_residual``).
 
-Design (a light ControlNet / T2I-Adapter): tokens -> Linear -> (h, w) patch map -> bilinear resize to the
-decoder's latent resolution -> a small conv pyramid with one level per UNet resolution -> one zero-initialised 1x1
+Design (a light ControlNet / T2I-Adapter): tokens -> Linear -> (h, w) patch map (or, with ``unpatchify`` u > 1,
+an (h*u, w*u) map: each token's features are split into a u x u block of cells, so a token can say where inside its
+patch the content lies) -> bilinear resize to the decoder's latent resolution -> a small conv pyramid with one level per UNet resolution -> one zero-initialised 1x1
 conv per UNet residual, times ``strength``. The residuals do not depend on the timestep, so they are computed once
 per sample and reused at every denoising step (sampling stays cheap). Zero-initialised output convs make a new
 highway an exact no-op, so training starts from the text-only decoder.
@@ -90,7 +91,15 @@ class HighwayResiduals:
 class HighwayConfig(Config):
     hidden_channels: int = 64  # width of every level of the conv pyramid
     blocks_per_level: int = 1  # 3x3 conv + SiLU blocks per UNet resolution
-    strength: float = 1.0  # residuals are multiplied by it (0 switches the highway off)
+    # residuals are multiplied by it when sampling (0 switches the highway off); the highway loss trains at 1.0.
+    # > 1 lets the visual input weigh more against classifier-free guidance, which amplifies only the text
+    strength: float = 1.0
+    # each patch token becomes a u x u block of map cells (depth-to-space) before the resize; 1: one cell per token.
+    # Pick u = latent size / patch grid (e.g. a 4x4 grid for an 8x8 latent: 2) so that no resize blurs the map.
+    unpatchify: int = 1
+    # training: the highway's denoising loss draws timesteps t = T * u^(1/p) (Decoder.denoising_loss); p > 1 favours
+    # the noisiest steps, where the sample's layout (what the highway can tell) is decided; 1: uniform
+    loss_timestep_power: float = 1.0
 
     def __post_init__(self) -> None:
         if self.hidden_channels < 1:
@@ -99,6 +108,10 @@ class HighwayConfig(Config):
             raise ValueError(f"blocks_per_level must be at least 1, got {self.blocks_per_level}")
         if self.strength < 0:
             raise ValueError(f"strength must be >= 0, got {self.strength}")
+        if self.unpatchify < 1:
+            raise ValueError(f"unpatchify must be at least 1, got {self.unpatchify}")
+        if self.loss_timestep_power <= 0:
+            raise ValueError(f"loss_timestep_power must be > 0, got {self.loss_timestep_power}")
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -138,7 +151,7 @@ class VisualHighway(nn.Module):
         self.level_sizes, self.level_of = _levels_of(layout)
         hid = config.hidden_channels
         frames_in_channels = layout.num_frames if layout.frame_mode == "stacked" else 1
-        self.token_proj = nn.Linear(patch_dim, hid)
+        self.token_proj = nn.Linear(patch_dim, hid * config.unpatchify**2)
         self.stem = nn.Sequential(nn.Conv2d(hid * frames_in_channels, hid, 3, padding=1), nn.SiLU())
         levels = []
         for i in range(len(self.level_sizes)):
@@ -166,26 +179,14 @@ class VisualHighway(nn.Module):
         """
         if patch_embeds.ndim != 3:
             raise ValueError(f"patch_embeds must be (B, N, C), got shape {tuple(patch_embeds.shape)}")
-        b, n, _ = patch_embeds.shape
+        n = patch_embeds.shape[1]
         t, h, w = grid
         if n != t * h * w:
             raise ValueError(
                 f"patch_embeds hold {n} tokens but grid {grid} needs t*h*w = {t * h * w}; pass patch tokens only "
                 "(drop a CLS token) in (t, h, w) order"
             )
-        frames = self._frames(num_frames)
-        x = self.token_proj(patch_embeds)  # (B, N, hid)
-        x = x.view(b, t, h, w, -1).permute(0, 1, 4, 2, 3)  # (B, t, hid, h, w)
-        if frames is None:
-            x = x[:, 0]  # (B, hid, h, w): the first clip guides an image
-        else:
-            clip_of_frame = torch.arange(frames, device=x.device) * t // frames  # nearest clip for each frame
-            x = x[:, clip_of_frame]  # (B, F, hid, h, w)
-            if self.layout.frame_mode == "stacked":
-                x = x.flatten(1, 2)  # (B, F*hid, h, w)
-            else:
-                x = x.flatten(0, 1)  # (B*F, hid, h, w)
-        x = F.interpolate(x, size=self.level_sizes[0], mode="bilinear", align_corners=False)  # (., ., h0, w0)
+        x = self.token_map(patch_embeds, grid, self._frames(num_frames))
         x = self.stem(x)
         features = []
         for level in self.levels:
@@ -194,6 +195,26 @@ class VisualHighway(nn.Module):
         scale = self.config.strength if strength is None else strength
         down = [conv(features[i]) * scale for conv, i in zip(self.down_convs, self.level_of, strict=True)]
         return HighwayResiduals(down=down, mid=self.mid_conv(features[-1]) * scale)
+
+    def token_map(self, patch_embeds: torch.Tensor, grid: tuple[int, int, int], frames: int | None) -> torch.Tensor:
+        """The map the conv pyramid starts from, at the first UNet resolution (h0, w0): (B, hid, h0, w0) for an
+        image decoder, (B, F*hid, ...) stacked, (B*F, hid, ...) per frame."""
+        b = patch_embeds.shape[0]
+        t, h, w = grid
+        u = self.config.unpatchify
+        x = self.token_proj(patch_embeds)  # (B, N, hid * u * u)
+        x = x.view(b, t, h, w, -1, u, u).permute(0, 1, 4, 2, 5, 3, 6)  # (B, t, hid, h, u, w, u)
+        x = x.reshape(b, t, -1, h * u, w * u)  # (B, t, hid, h*u, w*u)
+        if frames is None:
+            x = x[:, 0]  # (B, hid, h*u, w*u): the first clip guides an image
+        else:
+            clip_of_frame = torch.arange(frames, device=x.device) * t // frames  # nearest clip for each frame
+            x = x[:, clip_of_frame]  # (B, F, hid, h*u, w*u)
+            if self.layout.frame_mode == "stacked":
+                x = x.flatten(1, 2)  # (B, F*hid, h*u, w*u)
+            else:
+                x = x.flatten(0, 1)  # (B*F, hid, h*u, w*u)
+        return F.interpolate(x, size=self.level_sizes[0], mode="bilinear", align_corners=False)  # (., ., h0, w0)
 
     def _frames(self, num_frames: int | None) -> int | None:
         mode = self.layout.frame_mode

@@ -285,13 +285,15 @@ class XVilaModel(nn.Module):
                 runs[m] = (gen_hidden, targets)
         return runs
 
-    def highway_residuals(self, modality: str, guide_modality: str, patch_embeds: Tensor) -> HighwayResiduals:
-        """Residuals for ``modality``'s decoder from a visual input's patch tokens (N, P, C), P = t*h*w."""
+    def highway_residuals(self, modality: str, guide_modality: str, patch_embeds: Tensor,
+                          strength: float | None = None) -> HighwayResiduals:
+        """Residuals for ``modality``'s decoder from a visual input's patch tokens (N, P, C), P = t*h*w.
+        ``strength``: None for the highway config's (sampling) strength; the highway loss trains at 1.0."""
         self.decoder(modality)
         _, h, w = self.encoder.patch_grid(guide_modality)
         grid = (patch_embeds.shape[1] // (h * w), h, w)  # t clips: a video's frame count is its own
         num_frames = getattr(self.config.decoders.get(modality), "num_frames", None)  # video decoders only
-        return self.highways[modality](patch_embeds, grid, num_frames=num_frames)
+        return self.highways[modality](patch_embeds, grid, num_frames=num_frames, strength=strength)
 
     def _highway_loss(self, m, targets, cond, encoded) -> Tensor | None:
         """Denoising loss with highway residuals, over the targets that have a visual guide, grouped by its modality."""
@@ -300,8 +302,9 @@ class XVilaModel(nn.Module):
             rows = [i for i, g in enumerate(targets.guides) if g is not None and g[0] == guide_modality]
             items = [targets.guides[i][1] for i in rows]
             patch = encoded[guide_modality].patch_embeds[items]  # (n, P, C)
-            residuals = self.highway_residuals(m, guide_modality, patch)
-            parts.append(self.decoders[m].denoising_loss(targets.media[rows], cond[rows], residuals=residuals))
+            residuals = self.highway_residuals(m, guide_modality, patch, strength=1.0)
+            parts.append(self.decoders[m].denoising_loss(targets.media[rows], cond[rows], residuals=residuals,
+                                                         timestep_power=self.config.highway.loss_timestep_power))
         return torch.stack(parts).mean() if parts else None
 
     @torch.no_grad()

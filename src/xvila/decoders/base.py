@@ -493,13 +493,18 @@ class Decoder(nn.Module):
         residuals: HighwayResiduals | None = None,
         generator: torch.Generator | None = None,
         posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+        timestep_power: float = 1.0,
     ) -> torch.Tensor:
         """MSE of the UNet's prediction (epsilon / v / sample, per the scheduler) on noised latents of ``media``.
 
         media in repo conventions; cond_embeds (B, Q, D_cond). Gradients reach ``cond_embeds``, the UNet (when it
         requires grad) and the highway through ``residuals``; never the frozen parts. ``posterior``: the media's
         :meth:`vae_posterior` if already known (the VAE then does not run; the loss is the same).
+        ``timestep_power`` p: timesteps t = T * u^(1/p) with u uniform, so p = 1 draws them uniformly and p > 1
+        favours the noisiest ones, where a sample's layout is decided.
         """
+        if timestep_power <= 0:
+            raise ValueError(f"timestep_power must be > 0, got {timestep_power}")
         self._check_media(media)
         self._check_cond(cond_embeds, media.shape[0], "cond_embeds")
         with torch.no_grad():
@@ -507,9 +512,13 @@ class Decoder(nn.Module):
         b = latents.shape[0]
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         t_device = generator.device if generator is not None else latents.device
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=t_device
-        ).to(latents.device)
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        if timestep_power == 1.0:
+            timesteps = torch.randint(0, num_train, (b,), generator=generator, device=t_device)
+        else:
+            u = torch.rand(b, generator=generator, device=t_device)
+            timesteps = (num_train * u ** (1.0 / timestep_power)).long().clamp_(max=num_train - 1)
+        timesteps = timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.config.scheduler.prediction_type
         if prediction_type == "epsilon":
