@@ -4,12 +4,13 @@ X-VILA lets visual features bypass the LLM: the visual encoder's patch tokens of
 video are turned into residuals added to the decoder UNet's down-block and mid-block outputs (the ControlNet
 interface of diffusers: ``down_block_additional_residuals`` / ``mid_block_additional_residual``).
 
-Design (a light ControlNet / T2I-Adapter): tokens -> Linear -> (h, w) patch map (or, with ``unpatchify`` u > 1,
-an (h*u, w*u) map: each token's features are split into a u x u block of cells, so a token can say where inside its
-patch the content lies) -> bilinear resize to the decoder's latent resolution -> a small conv pyramid with one level per UNet resolution -> one zero-initialised 1x1
-conv per UNet residual, times ``strength``. The residuals do not depend on the timestep, so they are computed once
-per sample and reused at every denoising step (sampling stays cheap). Zero-initialised output convs make a new
-highway an exact no-op, so training starts from the text-only decoder.
+Design (a light ControlNet / T2I-Adapter): tokens -> Linear -> (h, w) patch map (with ``unpatchify`` u > 1 an
+(h*u, w*u) map: each token's features fill a u x u block of cells, so a token can say where inside its patch the
+content lies) -> bilinear resize to the decoder's latent resolution -> a small conv pyramid with one level per UNet
+resolution -> one zero-initialised 1x1 conv per UNet residual, times ``strength`` when sampling. The residuals do not
+depend on the timestep, so they are computed once per sample and reused at every denoising step (sampling stays
+cheap). Zero-initialised output convs make a new highway an exact no-op, so training starts from the text-only
+decoder.
 
 Temporal handling (a ``grid`` of t clips, h x w patches):
 - image decoder ("image" layout): a video input uses its FIRST clip. In video-to-image tasks the target image is the
