@@ -42,7 +42,7 @@ def test_judge_rewards_ground_truth_and_rejects_blank(model, task):
 def test_cli_eval_json_has_every_section(capsys):
     assert main(["eval", "--model", "tiny-random", "--n", "1", "--steps", "1", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
-    assert set(results) == {"generation", "understanding", "highway", "compositional"}
+    assert set(results) == {"generation", "understanding", "highway", "compositional", "chat"}
     assert set(results["generation"]) == set(GENERATION_TASKS)
     for r in results["generation"].values():
         assert 0 <= r["accuracy"] <= 1 and -1 <= r["alignment"] <= 1 and r["n"] == 1
@@ -50,6 +50,7 @@ def test_cli_eval_json_has_every_section(capsys):
     assert set(results["highway"]) == {"image->video", "video->image"}
     assert {"iou_with", "iou_without"} <= set(results["highway"]["image->video"])
     assert 0 <= results["compositional"]["accuracy"] <= 1
+    assert 0 <= results["chat"]["accuracy"] <= 1 and results["chat"]["n"] == len(results["chat"]["answers"]) == 10
 
 
 def test_eval_config_rejects_zero():

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from xvila.train.config import DataSpec, FoundationConfig, PhaseConfig, RecipeConfig, ScheduleConfig
 from xvila.train.loop import lr_factor
@@ -130,3 +131,15 @@ def test_xvila_train_command_reports_user_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("xvila: error:") for line in err)
     assert "not found" in err[0] and "steps must be >= 1" in err[1] and "--resume" in err[2]
+
+
+def test_precision_auto_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    from xvila.train import distributed
+
+    cpu = torch.device("cpu")
+    for native, expected in ((False, "no"), (True, "bf16")):
+        monkeypatch.setattr(distributed, "native_bf16", lambda device, native=native: native)
+        assert distributed.resolve_precision("auto", cpu) == expected
+        with distributed.autocast("auto", cpu):
+            assert torch.is_autocast_enabled("cpu") == native
+    assert distributed.resolve_precision("no", cpu) == "no" and distributed.resolve_precision("bf16", cpu) == "bf16"

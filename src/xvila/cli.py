@@ -180,6 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{'highway':<13} {task:<20} iou with {r['iou_with']:.3f}  without {r['iou_without']:.3f}  n={r['n']}")
     c = results["compositional"]
     print(f"{'compositional':<13} {'held-out pairs':<20} accuracy {c['accuracy']:.3f}  n={c['n']}")
+    print(f"{'chat':<13} {'ordinary questions':<20} accuracy {results['chat']['accuracy']:.3f}  "
+          f"n={results['chat']['n']}")
     return 0
 
 

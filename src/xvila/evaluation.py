@@ -164,6 +164,15 @@ class Evaluator:
                              "iou_without": round(float(np.mean(ious[False])), 4), "n": len(clips)}
         return results
 
+    def chat(self) -> dict:
+        """Ordinary text questions held out of the chat rehearsal (``xvila.data.chat.PROBES``): the share answered
+        sensibly (an expected word, no media)."""
+        from xvila.data.chat import ask_probes
+
+        answers = ask_probes(self.model, self.config.max_new_tokens)
+        return {"accuracy": round(float(np.mean([a["sensible"] for a in answers])), 4), "n": len(answers),
+                "answers": {a["question"]: a["answer"] for a in answers}}
+
     def run(self) -> dict:
         test = world_clips("test", self.config.n, self.world)
         compositional = world_clips("compositional", self.config.compositional_n or self.config.n, self.world)
@@ -178,6 +187,7 @@ class Evaluator:
                 "n": sum(r["n"] for r in held_out.values()),
                 "tasks": held_out,
             },
+            "chat": self.chat(),
         }
 
 

@@ -17,9 +17,11 @@ per group. The groups:
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from xvila.configuration import Config
@@ -101,6 +103,24 @@ def inject_lora(module: nn.Module, settings: dict, default_targets: list[str] | 
     inject_adapter_in_model(
         LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets), module
     )
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module):
+    """Run ``module`` without its LoRA adapters (the base weights alone) inside the ``with`` block.
+
+    Sets the flag peft's LoRA layers read in ``forward``; their ``enable_adapters`` would also change which
+    parameters require gradients.
+    """
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m._disable_adapters = flag
 
 
 def apply_trainability(model: nn.Module, spec: TrainabilitySpec) -> dict[str, GroupCount]:

@@ -13,6 +13,10 @@ Phases (:data:`TASKS_BY_PHASE`):
    by up to ``spec.follow_ups`` further turns about the same subject (describe it, ask about it, make it in
    another modality, edit it).
 
+``chat`` (in no phase's default mixture) is ordinary text chat without media: general questions with the base
+LLM's own answers (``TaskSpec.chat``, see :mod:`xvila.data.chat`), mixed into X-to-X tuning so the LLM keeps
+answering them.
+
 Answers that produce media hold the generation tokens (``[VID0]..``) and carry their targets as
 :class:`~xvila.conversation.MediaItem` s with the target caption; items taken from a stored clip have the key
 ``"{clip.key}/{modality}"`` (for feature caches), re-rendered items (edits) have none. Attribute questions and
@@ -66,6 +70,8 @@ class TaskSpec:
     max_context: ``interleaved`` shows at most this many earlier clips of the group.
     media_tokens: LLM positions one input item takes once spliced (its placeholder becomes this many tokens);
         the loader counts them against ``max_length``.
+    chat: (question, answer) pairs of ordinary text chat for the ``chat`` task (the base LLM's own answers,
+        ``xvila.data.chat.rehearsal_pairs``); empty: the task is unavailable.
     """
 
     gen_tokens: dict[str, int]
@@ -75,6 +81,7 @@ class TaskSpec:
     follow_ups: int = 0
     max_context: int = 3
     media_tokens: int = 1
+    chat: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         for m in list(self.gen_tokens) + list(self.inputs):
@@ -552,6 +559,8 @@ class Task:
             return f"task {self.name!r} needs {missing_out} output(s); the model writes {list(spec.outputs)}"
         if self.name == "edit" and not set(spec.outputs) & set(spec.inputs):
             return "task 'edit' needs a modality the model both reads and writes"
+        if self.name == "chat" and not spec.chat:
+            return "task 'chat' needs rehearsal answers (TaskSpec.chat, from xvila.data.chat.rehearsal_pairs)"
         return None
 
     def applies(self, clips: Sequence[AlignedClip], spec: TaskSpec) -> bool:
@@ -641,6 +650,16 @@ def build_interleaved(clips, rng, spec):
     return messages
 
 
+def build_chat(clips, rng, spec):
+    """Ordinary text chat, no media: one question with the base LLM's answer (``spec.chat``), then up to
+    ``spec.follow_ups`` more. The clip is not used."""
+    messages = []
+    for _ in range(1 + int(rng.integers(spec.follow_ups + 1))):
+        question, answer = spec.chat[int(rng.integers(len(spec.chat)))]
+        messages += [Message("user", question), Message("assistant", answer)]
+    return messages
+
+
 def _register() -> dict[str, Task]:
     tasks = []
     for m in MEDIA:
@@ -658,6 +677,7 @@ def _register() -> dict[str, Task]:
         tasks.append(Task(f"{m}-qa", _question_builder(m), inputs=(m,), world_only=True))
     tasks.append(Task("edit", build_edit, world_only=True))
     tasks.append(Task("interleaved", build_interleaved, needs_context=True))
+    tasks.append(Task("chat", build_chat))
     return {t.name: t for t in tasks}
 
 

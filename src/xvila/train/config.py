@@ -22,7 +22,7 @@ from xvila.trainability import GROUPS, TrainabilitySpec
 
 OBJECTIVES = ("xvila", "foundation", "projections")
 SCHEDULES = ("constant", "linear", "cosine")
-PRECISIONS = ("no", "bf16")
+PRECISIONS = ("no", "bf16", "auto")  # auto: bf16 where the device computes it natively, else fp32
 NONFINITE = ("stop", "skip")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 CLIPS_TASK = "clips"  # plain aligned clips for the foundation objective; other tasks: xvila.data.tasks.TASKS
@@ -155,9 +155,9 @@ class ProjectionsConfig(Config):
 
     samples: int = 1600  # conversations run through the LLM (split among the processes)
     standardize: bool = True  # set each projection's input statistics from the collected hidden states
-    # precision of the LLM pass that collects the states ("no" | "bf16"); None: the phase's ``precision``, which also
-    # sets the projections' training. On the 2-core dev machine bf16 collects about 2x faster (11.7-11.9 against
-    # 5.1-6.2 conversations/s), with states at a cosine of 0.9996 to fp32's.
+    # precision of the LLM pass that collects the states ("no" | "bf16" | "auto"); None: the phase's ``precision``,
+    # which also sets the projections' training. On the 2-core AVX-512 dev machine bf16 collected about 2x faster
+    # (11.7-11.9 against 5.1-6.2 conversations/s), with states at a cosine of 0.9996 to fp32's.
     collect_precision: str | None = None
 
     def __post_init__(self):
@@ -224,7 +224,10 @@ class PhaseConfig(Config):
     batch_size: int = 4  # micro-batch per process
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still measured and logged)
-    precision: str = "no"  # "bf16": autocast to bfloat16 (CUDA, or CPUs with bf16 support)
+    # "bf16": autocast to bfloat16 (CUDA, or CPUs with bf16 support); "auto": bf16 where the device computes it
+    # natively (a GPU with bf16, a CPU with AVX-512), else fp32 (an AVX2-only CPU emulates bf16, far slower;
+    # docs/training.md)
+    precision: str = "no"
     activation_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: none before the phase ends
     keep_checkpoints: int = 2  # the newest this many are kept

@@ -136,25 +136,37 @@ def eval_source_of(spec: DataSpec) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- samples
-def task_spec(spec: DataSpec, model):
-    """``xvila.data.tasks.TaskSpec`` of the model, restricted to ``spec.modalities``."""
+def task_spec(spec: DataSpec, model, chat: tuple[tuple[str, str], ...] = ()):
+    """``xvila.data.tasks.TaskSpec`` of the model, restricted to ``spec.modalities``; ``chat``: the pairs of the
+    ``chat`` task (:func:`chat_pairs`)."""
     from xvila.data.tasks import TaskSpec
 
     full = TaskSpec.from_model(model, follow_ups=spec.follow_ups, max_context=spec.max_context)
     allowed = set(spec.modalities or MEDIA)
     return full.replace(inputs=tuple(m for m in full.inputs if m in allowed),
-                        gen_tokens={m: k for m, k in full.gen_tokens.items() if m in allowed})
+                        gen_tokens={m: k for m, k in full.gen_tokens.items() if m in allowed}, chat=tuple(chat))
+
+
+def chat_pairs(spec: DataSpec, model, progress: bool = False) -> tuple[tuple[str, str], ...]:
+    """The ``chat`` task's (question, answer) pairs when ``spec`` mixes it in (the base LLM's answers, written
+    once per LLM and cached: ``xvila.data.chat.rehearsal_pairs``), else (). Call it before the model is wrapped
+    for sharded training: it runs the LLM."""
+    if not spec.tasks.get("chat"):
+        return ()
+    from xvila.data.chat import rehearsal_pairs
+
+    return rehearsal_pairs(model, progress=progress)
 
 
 class SampleStream:
     """Sample index -> a conversation (or an aligned clip for task "clips"), a pure function of ``(seed, index)``."""
 
-    def __init__(self, spec: DataSpec, source: ClipSource, model, seed: int):
+    def __init__(self, spec: DataSpec, source: ClipSource, model, seed: int, chat: tuple = ()):
         from xvila.data.tasks import check_mixture
 
         self.spec, self.source, self.seed = spec, source, seed
         self.clips_only = spec.wants_clips
-        self.task_spec = task_spec(spec, model)
+        self.task_spec = task_spec(spec, model, chat)
         # sorted: the data must not depend on the order a YAML or JSON file happens to list the tasks in
         self.mixture = {} if self.clips_only else check_mixture(dict(sorted(spec.tasks.items())), self.task_spec)
 
@@ -202,14 +214,16 @@ def make_batch(stream: SampleStream, indices: range, model, cache=None) -> Batch
 
 
 def make_batches(spec: DataSpec, model, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start: int = 0, source: str | None = None, cache=None) -> Iterator[Batch | ClipBatch]:
+                 start: int = 0, source: str | None = None, cache=None,
+                 chat: tuple = ()) -> Iterator[Batch | ClipBatch]:
     """This rank's micro-batches from its micro-step ``start`` on (see the module docstring), forever.
 
     ``cache``: an ``xvila.data.cache.FeatureCache`` that attaches frozen-encoder features and caption embeddings.
+    ``chat``: the ``chat`` task's pairs (:func:`chat_pairs`), when the mixture has it.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
-    stream = SampleStream(spec, open_source(source or spec.source), model, seed)
+    stream = SampleStream(spec, open_source(source or spec.source), model, seed, chat)
     u = start
     while True:
         j = micro_slot(u, rank, world_size)
@@ -245,12 +259,12 @@ class GenStateBatch:
 
 def collect_generation_states(spec: DataSpec, model, *, samples: int, batch_size: int, rank: int = 0,
                               world_size: int = 1, seed: int = 0, source: str | None = None,
-                              progress: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
+                              progress: bool = False, chat: tuple = ()) -> dict[str, tuple[Tensor, Tensor]]:
     """Run the (frozen) LLM once over this rank's share of ``samples`` conversations and keep, per output modality,
     the hidden states of every generation run with its caption's embedding (float32, on the CPU)."""
     from tqdm.auto import tqdm
 
-    stream = SampleStream(spec, open_source(source or spec.source), model, seed)
+    stream = SampleStream(spec, open_source(source or spec.source), model, seed, chat)
     mine = list(range(rank, samples, world_size))
     chunks = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
     found: dict[str, tuple[list[Tensor], list[Tensor]]] = {}

@@ -89,16 +89,37 @@ def all_reduce_mean(x: Tensor, runtime: Runtime) -> Tensor:
     return y / runtime.world_size
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a GPU that supports it, or a CPU with AVX-512 (oneDNN's bf16
+    kernels; AMX on newer Xeons). Elsewhere (e.g. an AVX2-only CPU) bf16 is emulated and several times slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` where the device computes it natively, else ``"no"``; other values unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "no"
+    return precision
+
+
 def check_precision(precision: str, device: torch.device) -> None:
-    if precision != "bf16":
+    if resolve_precision(precision, device) != "bf16":
         return
     ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu"
     if not ok:
-        raise RuntimeError(f"precision 'bf16' is not supported on {device}: set precision: 'no'")
+        raise RuntimeError(f"precision 'bf16' is not supported on {device}: set precision: 'no' (or 'auto')")
 
 
 def autocast(precision: str, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bf16 autocast when ``precision`` (after :func:`resolve_precision`) is ``"bf16"``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
 
 
 # -------------------------------------------------------------------------------------------------- strategies

@@ -40,6 +40,7 @@ from torch import nn
 from xvila.train import checkpoint as ckpt_io
 from xvila.train.config import NAMED_CONFIGS, OptimizerConfig, PhaseConfig, RecipeConfig, ScheduleConfig
 from xvila.train.data import (
+    chat_pairs,
     collect_generation_states,
     eval_source_of,
     generation_state_batches,
@@ -56,6 +57,7 @@ from xvila.train.distributed import (
     init_runtime,
     make_strategy,
     place,
+    resolve_precision,
     shutdown_runtime,
 )
 from xvila.train.ema import EMA
@@ -201,6 +203,10 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
     check_precision(phase.precision, runtime.device)
     if phase.objective == "projections" and phase.projections.collect_precision:
         check_precision(phase.projections.collect_precision, runtime.device)
+    for name, value in (("precision", phase.precision), ("collect_precision", phase.projections.collect_precision)):
+        if value == "auto":
+            logger.info("phase %s: %s auto -> %s on %s", phase.name, name,
+                        resolve_precision(value, runtime.device), runtime.device)
     state = ckpt_io.read_state(ckpt) if ckpt is not None else None
     if state is not None and state["recipe"]["phases"][index] != phase.to_dict():
         logger.warning("phase %s: the recipe differs from the one %s was written with; continuing with the new one",
@@ -227,6 +233,7 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
     objective = build_objective(model, phase, decoders)
     _check_covered(model, objective, phase)
     place(objective, runtime.device)
+    chat = chat_pairs(phase.data, model, progress=reporter.progress)  # runs the LLM: before sharding it
     wrapped = strategy.wrap(objective)
     optimizer = build_optimizer(model, phase.optimizer, fused=not strategy.sharded)  # DTensors: the foreach path
     scheduler = build_scheduler(optimizer, phase.schedule, phase.steps)
@@ -255,7 +262,7 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
                        "from here on differs from the interrupted run's", global_batch, state["global_batch"])
     cache = feature_cache(phase, model, out, strategy)
     batches = phase_batches(phase, model, runtime, data_seed, start=first_step * accum, cache=cache,
-                            progress=reporter.progress)
+                            progress=reporter.progress, chat=chat)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ckpt_dir = out / "checkpoints" / phase.name
     if runtime.is_main:
@@ -302,7 +309,7 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
                   "skipped": not finite}
         reporter.step(record, log=done % phase.log_every == 0 or done == phase.steps)
         if phase.eval_every and done % phase.eval_every == 0:
-            reporter.eval(done, evaluate(wrapped, objective, model, phase, runtime, data_seed, cache))
+            reporter.eval(done, evaluate(wrapped, objective, model, phase, runtime, data_seed, cache, chat))
         if phase.checkpoint_every and done % phase.checkpoint_every == 0 and done < phase.steps:
             ckpt_io.save_checkpoint(ckpt_dir, done, model=model, objective=objective, optimizer=optimizer,
                                     scheduler=scheduler, strategy=strategy, runtime=runtime,
@@ -373,9 +380,10 @@ def _gather_losses(parts: dict[str, list[torch.Tensor]], runtime: Runtime) -> di
 
 @torch.no_grad()
 def evaluate(wrapped: nn.Module, objective: nn.Module, model, phase: PhaseConfig, runtime: Runtime,
-             data_seed: int, cache=None) -> dict[str, float]:
+             data_seed: int, cache=None, chat: tuple = ()) -> dict[str, float]:
     """Mean losses over ``phase.eval_batches`` fixed held-out micro-batches per process."""
-    batches = phase_batches(phase, model, runtime, data_seed, source=eval_source_of(phase.data), cache=cache)
+    batches = phase_batches(phase, model, runtime, data_seed, source=eval_source_of(phase.data), cache=cache,
+                            chat=chat)
     objective.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     try:
@@ -407,14 +415,14 @@ def save_phase_output(export, runtime: Runtime, final: Path, summary: PhaseSumma
 
 # ------------------------------------------------------------------------------------------ building blocks
 def phase_batches(phase: PhaseConfig, model, runtime: Runtime, data_seed: int, *, start: int = 0,
-                  source: str | None = None, cache=None, progress: bool = False):
+                  source: str | None = None, cache=None, progress: bool = False, chat: tuple = ()):
     """This process's micro-batches from micro-step ``start`` on: the phase's data (``source``: held-out data for
     eval instead), or, for the projections objective, pairs collected from the frozen LLM over that data (for
     training, the projections' input statistics are set from them first)."""
     rank, world = runtime.rank, runtime.world_size
     if phase.objective != "projections":
         return make_batches(phase.data, model, batch_size=phase.batch_size, rank=rank, world_size=world,
-                            seed=data_seed, start=start, source=source, cache=cache)
+                            seed=data_seed, start=start, source=source, cache=cache, chat=chat)
     held_out = source is not None
     samples = phase.eval_batches * phase.batch_size * world if held_out else phase.projections.samples
     was_training = model.training
@@ -422,7 +430,7 @@ def phase_batches(phase: PhaseConfig, model, runtime: Runtime, data_seed: int, *
     with autocast(phase.projections.collect_precision or phase.precision, runtime.device):
         states = collect_generation_states(phase.data, model, samples=samples, batch_size=phase.batch_size,
                                            rank=rank, world_size=world, seed=data_seed, source=source,
-                                           progress=progress)
+                                           progress=progress, chat=chat)
     model.train(was_training)
     if not held_out and phase.projections.standardize:
         for m, (hidden, _) in states.items():
