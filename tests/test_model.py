@@ -198,6 +198,27 @@ def test_cached_features_give_the_same_losses(model):
         model(batch, weights)
 
 
+def test_outputs_names_exactly_the_modalities_written(model):
+    """A modality outside ``outputs`` is never started, even where the model's own choice would start it."""
+    model.eval()
+    msgs = [Message("user", "describe", [MediaItem("image", media(model, "image"))])]
+    image_start = model.gen_token_ids["image"][0]
+
+    def favour_images(module, args, logits):  # the model now wants to start an image at every step
+        logits = logits.clone()
+        logits[..., image_start] += 1e4
+        return logits
+
+    hook = model.llm.get_output_embeddings().register_forward_hook(favour_images)
+    try:
+        free = model.generate(msgs, GenerationConfig(max_new_tokens=4, decode_media=False))
+        asked = model.generate(msgs, GenerationConfig(max_new_tokens=4, decode_media=False, outputs=("audio",)))
+    finally:
+        hook.remove()
+    assert "image" in {g.modality for g in free.media}
+    assert [g.modality for g in asked.media] == ["audio"]
+
+
 def test_kv_cached_decoding_matches_full_recompute(model):
     """Greedy decoding with the KV cache picks, at every step, the argmax of a full forward without cache."""
     from xvila.conversation import encode_conversation
@@ -216,6 +237,7 @@ def test_kv_cached_decoding_matches_full_recompute(model):
     run = model.gen_token_ids["audio"]
     forced = {i + j for i, t in enumerate(answer.token_ids) if t == run[0] for j in range(1, len(run))}
     suppress = set(model.placeholder_ids.values()) | {t for r in model.gen_token_ids.values() for t in r[1:]}
+    suppress |= {r[0] for m, r in model.gen_token_ids.items() if m != "audio"}  # outputs= names the modalities
     for i, token in enumerate(answer.token_ids):
         if i in forced or token == run[0]:
             continue  # the rest of a run is fed, and the run itself was requested by outputs=

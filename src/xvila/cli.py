@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", help="an input image (repeatable)")
     g.add_argument("--video", action="append", help="an input video (repeatable)")
     g.add_argument("--audio", action="append", help="an input audio file (repeatable)")
-    g.add_argument("--outputs", default="", help="modalities the answer must include, e.g. image,audio")
+    g.add_argument("--outputs", default="", help="the modalities the answer writes, exactly, e.g. image,audio (default: what the model chooses)")
     g.add_argument("--out", default="out", help="folder for generated media")
     g.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     g.add_argument("--max-new-tokens", type=int, default=48)

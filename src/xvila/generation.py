@@ -28,7 +28,9 @@ class GenerationConfig(Config):
     num_inference_steps: int | None = None  # None: the decoder's default
     guidance_scale: float | None = None  # None: the decoder's default
     highway: bool = True  # use the Visual Embedding Highway when a visual input is present
-    outputs: tuple[str, ...] = ()  # modalities the answer must produce: a missing one is written before the stop
+    # modalities the answer produces, exactly: a missing one is written before the stop, others are never started
+    # (empty: whatever the model writes)
+    outputs: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -98,8 +100,10 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
     run_starts = {run[0]: m for m, run in model.gen_token_ids.items()}
     suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
     suppress[list(model.placeholder_ids.values())] = True  # never written by the model
-    for run in model.gen_token_ids.values():
+    for m, run in model.gen_token_ids.items():
         suppress[run[1:]] = True  # the rest of a run is fed, not sampled
+        if config.outputs and m not in config.outputs:
+            suppress[run[0]] = True  # a modality the caller did not ask for
     starts = torch.tensor(list(run_starts), device=device)
     stop_ids = {model.stop_id, tokenizer.eos_token_id}
     generator = torch.Generator().manual_seed(config.seed)
