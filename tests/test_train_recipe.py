@@ -10,6 +10,7 @@ from xvila.train.loop import lr_factor
 from xvila.train.recipe import RecipeError, apply_overrides, read_recipe
 from xvila.trainability import TrainabilitySpec
 
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
@@ -143,3 +144,5 @@ def test_precision_auto_is_bf16_only_where_the_device_computes_it(monkeypatch):
         with distributed.autocast("auto", cpu):
             assert torch.is_autocast_enabled("cpu") == native
     assert distributed.resolve_precision("no", cpu) == "no" and distributed.resolve_precision("bf16", cpu) == "bf16"
+    recipe = read_recipe(TINY, [])
+    assert {p.precision for p in recipe.phases if p.name in ("alignment", "interleaved", "x2x-textual")} == {"auto"}

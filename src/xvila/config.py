@@ -86,9 +86,10 @@ class XVilaConfig(Config):
         return tiny.replace(
             llm=LLMConfig.smollm2(),
             decoders=decoders,
-            # the tiny encoders' pooled embedding separates the shapes far better than their patch tokens
-            # (linear probes, model card); the patch groups carry the motions
-            input_projection=InputProjectionConfig(source="both", num_tokens=5),
+            # five tokens from the pooled embedding: a linear probe reads shape and motion from it (0.89, 0.97), but
+            # motion is 3% of the patch tokens' variance, and with patch-group tokens the LLM named motion at chance
+            # (docs/training.md, "Which encoder outputs become media tokens")
+            input_projection=InputProjectionConfig(source="pooled", num_tokens=5),
             output_projection=OutputProjectionConfig(width=128, heads=4, encoder_layers=1, decoder_layers=1),
             # each patch token of the 4x4 grid gives a 2x2 block of the 8x8 latent map; the loss favours the noisiest
             # steps; sampling at strength 2 (model card: IoU with a true caption and with the LLM's answers)

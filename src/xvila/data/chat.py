@@ -78,7 +78,7 @@ PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What colour is the sky on a clear day?", ("blue",)),
     ("What is the largest planet in our solar system?", ("Jupiter",)),
     ("How many days are in a week?", ("seven", "7")),
-    ("What is the opposite of cold?", ("hot", "warm")),
+    ("What is the opposite of cold?", ("hot", "warm", "heat")),
     ("What do bees make?", ("honey",)),
 )
 
