@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def rehearsal_pairs(model, questions: tuple[str, ...] = QUESTIONS, max_new_token
         answers = base_answers(model, questions, max_new_tokens, progress=progress)
         pairs = [[q, a] for q, text, done in answers if (a := trim_answer(text, done)) is not None]
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every process of a distributed run writes the same file
         tmp.write_text(json.dumps(pairs, indent=1, ensure_ascii=False) + "\n")
         tmp.replace(path)
     if not pairs:
