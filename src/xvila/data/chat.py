@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -123,8 +122,7 @@ def base_answers(model, questions: tuple[str, ...], max_new_tokens: int = ANSWER
     from xvila.trainability import adapters_disabled
 
     tokenizer, template, device = model.tokenizer, model.config.llm.template, model.device
-    added = [*model.placeholder_ids.values(), *(i for run in model.gen_token_ids.values() for i in run)]
-    suppress = sorted(set(added))
+    suppress = sorted({*model.placeholder_ids.values(), *(i for run in model.gen_token_ids.values() for i in run)})
     stops = sorted({model.stop_id, tokenizer.eos_token_id} - {None})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     prompts = [encode_conversation([Message("user", q)], tokenizer, template, add_generation_prompt=True)[0]
@@ -168,10 +166,10 @@ def rehearsal_pairs(model, questions: tuple[str, ...] = QUESTIONS, max_new_token
         logger.info("writing the base LLM's answers to %d rehearsal questions (once per LLM)", len(questions))
         answers = base_answers(model, questions, max_new_tokens, progress=progress)
         pairs = [[q, a] for q, text, done in answers if (a := trim_answer(text, done)) is not None]
+        from xvila.train.checkpoint import atomic_write_text  # every process of a distributed run writes it
+
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every process of a distributed run writes the same file
-        tmp.write_text(json.dumps(pairs, indent=1, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(pairs, indent=1, ensure_ascii=False) + "\n")
     if not pairs:
         raise ValueError("the base LLM gave no usable answer to the rehearsal questions")
     return tuple((q, a) for q, a in pairs)
