@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from xvila.splice import IGNORE_INDEX, gather_runs, splice_media
+from xvila.splice import IGNORE_INDEX, cheapest_packing, gather_runs, pack_rows, splice_media
 
 PH_A, PH_B = 90, 91
 
@@ -76,3 +76,59 @@ def test_gather_runs_in_order_and_errors():
         gather_runs(hidden, torch.tensor([[1, 50, 51, 2, 3], [0, 0, 0, 0, 0]]), run)
     with pytest.raises(ValueError, match="in order"):
         gather_runs(hidden, torch.tensor([[1, 51, 50, 52, 3], [0, 0, 0, 0, 0]]), run)
+
+
+def _right_padded(lengths, L):
+    return (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+
+
+def test_pack_rows_places_every_token_once_and_restarts_positions():
+    mask = _right_padded([5, 2, 3, 1, 4], 6)
+    pk = pack_rows(mask)
+    assert pk is not None and pk.source.shape[0] < 5 and pk.source.shape[1] == 6
+    x = torch.randn(5, 6, 3)
+    packed = pk.pack(x)
+    back = pk.unpack(packed)
+    real = mask.bool()
+    assert torch.equal(back[real], x[real]) and torch.all(back[~real] == 0)
+    # each packed sequence is contiguous, counts its positions from 0, and holds its row's tokens in order
+    for b, n in enumerate([5, 2, 3, 1, 4]):
+        slots = pk.target[b, :n]
+        r, c = slots // pk.source.shape[1], slots % pk.source.shape[1]
+        assert torch.all(r == r[0]) and torch.equal(c, c[0] + torch.arange(n))
+        assert torch.equal(pk.position_ids[r, c], torch.arange(n))
+        assert torch.equal(packed[r, c], x[b, :n])
+    assert int((pk.source < 5 * 6).sum()) == int(mask.sum())  # no token twice, none lost
+
+
+def test_pack_rows_capacity_and_when_it_declines():
+    assert pack_rows(_right_padded([4, 4, 4, 4], 4), capacity=8) is None  # full rows: nothing to save
+    mask = _right_padded([4, 3, 2, 1], 4)
+    assert pack_rows(mask).source.shape == (3, 4)
+    assert pack_rows(mask, capacity=10).source.shape == (1, 10)  # as long as its longest row
+    # the cost model: attention free -> one row; attention dear -> short rows; dearer still -> no packing
+    assert cheapest_packing(mask, pair_cost=0.0).source.shape == (1, 10)
+    assert cheapest_packing(mask, pair_cost=0.1).source.shape == (3, 4)
+    assert cheapest_packing(_right_padded([3, 3], 3), pair_cost=0.01) is None  # full rows: only more pairs
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert pack_rows(left) is None  # left padding: positions would differ from the unpacked rows'
+
+
+def test_packed_llm_hidden_states_equal_the_unpacked_rows():
+    """The block-diagonal mask transformers builds from restarting position ids keeps packed sequences apart."""
+    from xvila.llm import LLMConfig, build_llm
+
+    llm, _ = build_llm(LLMConfig.tiny())
+    decoder = llm.get_decoder().eval()
+    lengths = [7, 3, 5, 2, 6]
+    mask = _right_padded(lengths, 8)
+    embeds = torch.randn(5, 8, llm.config.hidden_size)
+    with torch.no_grad():
+        alone = [decoder(inputs_embeds=embeds[b : b + 1, :n], use_cache=False).last_hidden_state[0]
+                 for b, n in enumerate(lengths)]
+        pk = pack_rows(mask, capacity=16)
+        assert pk.source.shape[0] < 5
+        packed = pk.unpack(decoder(inputs_embeds=pk.pack(embeds), position_ids=pk.position_ids,
+                                   use_cache=False).last_hidden_state)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(packed[b, :n], alone[b], atol=1e-5, rtol=1e-4)

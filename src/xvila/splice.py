@@ -108,3 +108,86 @@ def gather_runs(hidden: Tensor, input_ids: Tensor, run_ids: Tensor) -> Tensor:
     if not torch.equal(ids, run_ids.expand_as(ids)):
         raise ValueError(f"generation tokens must appear as complete runs {run_ids.tolist()} in order")
     return hidden[is_gen].view(-1, K, hidden.shape[-1])
+
+
+@dataclass
+class Packing:
+    """Right-padded rows packed into fewer rows (see :func:`pack_rows`).
+
+    Shape legend: B rows of length L before, R rows of length C after.
+    """
+
+    source: Tensor  # (R, C) each packed position's index in the flattened (B * L) rows; B * L at padding
+    target: Tensor  # (B, L) each position's index in the flattened (R * C) packed rows; R * C at padding
+    position_ids: Tensor  # (R, C) 0, 1, ... within each sequence, and again over a packed row's trailing padding
+
+    @staticmethod
+    def _take(x: Tensor, index: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])[index]  # the extra zero row fills padding
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (R, C, D)."""
+        return self._take(x, self.source)
+
+    def unpack(self, y: Tensor) -> Tensor:
+        """(R, C, D) -> (B, L, D), zeros at the padding."""
+        return self._take(y, self.target)
+
+
+def pack_rows(attention_mask: Tensor, capacity: int | None = None) -> Packing | None:
+    """Place the sequences of right-padded rows (B, L) end to end in as few rows of at most ``capacity`` positions
+    (default L) as first-fit decreasing finds, so that the LLM runs over fewer padding positions; None when that
+    saves no position, or when a row is not right-padded. The packed rows are as long as the longest of them.
+
+    The LLM must keep packed sequences apart: give it ``position_ids`` and no attention mask, and transformers
+    (pinned) builds a block-diagonal causal mask from where the positions restart. Each sequence keeps its positions
+    0..n-1, so its hidden states are those of its unpacked row (tests/test_splice.py checks this).
+    """
+    B, L = attention_mask.shape
+    device = attention_mask.device
+    real = attention_mask.bool()
+    lengths = real.sum(1)
+    t = torch.arange(L, device=device)
+    if not torch.equal(real, t < lengths[:, None]):
+        return None
+    capacity = max(capacity or L, int(lengths.max()))
+    used: list[int] = []  # filled length of each packed row
+    place = [(0, 0)] * B  # (packed row, offset) of each sequence
+    for b in sorted(range(B), key=lambda b: -int(lengths[b])):  # stable: ties keep their order
+        n = int(lengths[b])
+        r = next((r for r, u in enumerate(used) if u + n <= capacity), len(used))
+        if r == len(used):
+            used.append(0)
+        place[b] = (r, used[r])
+        used[r] += n
+    R, C = len(used), max(used)
+    if R * C >= B * L:
+        return None
+    row, offset = (torch.tensor(v, device=device) for v in zip(*place))
+    target = torch.where(real, (row * C + offset)[:, None] + t, R * C)  # (B, L)
+    source = torch.full((R * C,), B * L, dtype=torch.long, device=device)
+    source[target[real]] = (torch.arange(B, device=device)[:, None] * L + t).expand(B, L)[real]
+    c = torch.arange(C, device=device)
+    position_ids = (c - torch.tensor(used, device=device)[:, None]).flatten()  # trailing padding counts from 0
+    position_ids[target[real]] = t.expand(B, L)[real]
+    return Packing(source.view(R, C), target, position_ids.view(R, C))
+
+
+def cheapest_packing(attention_mask: Tensor, pair_cost: float) -> Packing | None:
+    """The packing of right-padded rows (B, L) with the least estimated LLM cost, rows of L, 2L, ... BL positions
+    tried; None when the unpacked rows cost least. A row of C positions is taken to cost C * (1 + pair_cost * C):
+    its linear layers per position, and its attention per pair of positions (a masked attention kernel computes
+    every pair), ``pair_cost`` being the ratio of the two per-position costs."""
+    B, L = attention_mask.shape
+    best, best_cost = None, B * L * (1 + pair_cost * L)
+    for j in range(1, B + 1):
+        packing = pack_rows(attention_mask, capacity=j * L)
+        if packing is None:
+            continue
+        R, C = packing.source.shape
+        if R * C * (1 + pair_cost * C) < best_cost:
+            best, best_cost = packing, R * C * (1 + pair_cost * C)
+        if R == 1:
+            break
+    return best
