@@ -66,6 +66,21 @@ def test_vocabulary_projection_gives_mixtures_of_the_llm_words():
         soft(patches, pooled)
 
 
+def test_word_table_normalized_once_and_again_after_a_change():
+    projection = InputProjection(InputProjectionConfig(source="pooled", num_tokens=2, vocabulary_scale=3.0), 4, 8, 2)
+    words, patches, pooled = torch.randn(50, 8), torch.randn(3, 6, 4), torch.randn(3, 2)
+    first = projection(patches, pooled, words.detach())
+    unit = projection._unit_words_cache[2]
+    torch.testing.assert_close(projection(patches, pooled, words.detach()), first)
+    assert projection._unit_words_cache[2] is unit  # another view of the same table: no new normalization
+    words.mul_(-1)  # an in-place change: the cache must notice
+    flipped = projection(patches, pooled, words)
+    cosine = torch.nn.functional.normalize(projection.project(patches, pooled), dim=-1) @ \
+        torch.nn.functional.normalize(words, dim=-1).T
+    torch.testing.assert_close(flipped, (3.0 * cosine).softmax(-1) @ words)
+    assert not torch.allclose(flipped, first)
+
+
 def test_model_with_a_vocabulary_projection_mixes_its_llm_words(tmp_path):
     """The model hands its LLM's pretrained word table (not the added tokens' rows) to the projections, and the
     setting survives save / load."""

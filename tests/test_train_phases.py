@@ -182,6 +182,27 @@ def run_one_phase(tmp_path, config: XVilaConfig, phase: dict, run: str = "run") 
     return trained_names, [r for r in records if r["event"] == "step"]
 
 
+def test_foundation_with_pairs_and_words_runs_each_encoder_tower_once_a_step():
+    """The contrastive loss and the word loss read the same encoder outputs: one pass per modality and step."""
+    from collections import Counter
+
+    from xvila.train.config import FoundationConfig
+    from xvila.train.data import ClipBatch
+    from xvila.train.objectives import FoundationObjective
+
+    config = XVilaConfig.tiny()
+    model = XVilaModel(config.replace(input_projection=config.input_projection.replace(vocabulary_scale=20.0)))
+    objective = FoundationObjective(model, FoundationConfig(contrastive=1.0, denoise=0.0, words=1.0), ())
+    calls = []
+    forward = model.encoder.forward
+    model.encoder.forward = lambda m, *args, **kwargs: (calls.append(m), forward(m, *args, **kwargs))[1]
+    media = {m: torch.randn(4, *model.input_shape(m)) for m in ("image", "video", "audio")}
+    out = objective(ClipBatch(media, ["a red circle moves left"] * 4))
+    assert {"contrastive", "words/image", "words/video", "words/audio"} <= set(out.losses)
+    counts = Counter(calls)
+    assert {"image", "video", "audio"} <= set(counts) and max(counts.values()) == 1, counts
+
+
 def test_vae_phase_trains_only_the_vaes_and_saves_their_latent_statistics(tmp_path):
     """A foundation phase with ``autoencode``: the VAEs learn (the UNets do not), and each VAE's per-channel latent
     statistics land in the saved config, so the next phase's denoisers and a reloaded model use them."""

@@ -99,7 +99,20 @@ class InputProjection(nn.Module):
 
     def word_logits(self, tokens: Tensor, words: Tensor) -> Tensor:
         """(B, K, D) vectors -> (B, K, V): scaled cosine similarity to each word embedding (V, D)."""
-        return self.config.vocabulary_scale * F.normalize(tokens.float(), dim=-1) @ F.normalize(words.float(), dim=-1).T
+        return self.config.vocabulary_scale * F.normalize(tokens.float(), dim=-1) @ self._unit_words(words).T
+
+    def _unit_words(self, words: Tensor) -> Tensor:
+        """The word table (V, D), rows normalized: computed again only when the table is another tensor or has
+        changed in place (the LLM's word embeddings are frozen, so once per device in practice)."""
+        if words.requires_grad:
+            return F.normalize(words.float(), dim=-1)
+        key = (words.data_ptr(), words._version, tuple(words.shape), words.dtype, words.device)
+        cached = getattr(self, "_unit_words_cache", None)  # (the table, its key, the normalized table)
+        if cached is None or cached[1] != key:
+            # the table is held, so its memory cannot go to another tensor with the same address
+            cached = (words, key, F.normalize(words.float(), dim=-1))
+            self._unit_words_cache = cached  # a plain attribute: never saved, never moved with the module
+        return cached[2]
 
     def mix_words(self, tokens: Tensor, words: Tensor) -> Tensor:
         """(B, K, D) vectors -> (B, K, D) softmax mixtures of the word embeddings (V, D)."""

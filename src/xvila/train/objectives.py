@@ -122,9 +122,16 @@ class FoundationObjective(nn.Module):
 
     def forward(self, batch: ClipBatch) -> StepOutput:
         losses: dict[str, Tensor] = {}
+        encoded: dict = {}  # modality -> EncoderOutput: each tower runs once a step, for the pairs and the words
+
+        def encode(m: str):
+            if m not in encoded:
+                encoded[m] = self.encoder(m, batch.media[m])
+            return encoded[m]
+
         if self.pairs:
             used = {m for pair in self.pairs for m in pair}
-            embeds = {m: self.encoder(m, batch.media[m]).pooled_embeds for m in MEDIA if m in used}  # (B, E)
+            embeds = {m: encode(m).pooled_embeds for m in MEDIA if m in used}  # (B, E)
             if "text" in used:
                 embeds["text"] = self.encoder("text", self.text_ids(batch.captions, batch.media["image"].device)
                                               ).pooled_embeds
@@ -141,7 +148,7 @@ class FoundationObjective(nn.Module):
         if self.config.denoise > 0 and self.decoders:
             self._denoise(batch, losses)
         if self.input_projections:
-            self._words(batch, losses)
+            self._words(batch, losses, encode)
         parts = [w * losses[n] for n, w in (("contrastive", self.config.contrastive), ("denoise", self.config.denoise),
                                             ("autoencode", self.config.autoencode), ("words", self.config.words))
                  if n in losses]
@@ -161,9 +168,10 @@ class FoundationObjective(nn.Module):
                                                             posterior=self._posterior(m, decoder, batch))
         losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
 
-    def _words(self, batch: ClipBatch, losses: dict[str, Tensor]) -> None:
+    def _words(self, batch: ClipBatch, losses: dict[str, Tensor], encode) -> None:
         """Each caption word's negative log-likelihood under the likeliest of the clip's media tokens (their word
-        logits, ``InputProjection.word_logits``), weighted by the word's inverse document frequency."""
+        logits, ``InputProjection.word_logits``), weighted by the word's inverse document frequency. ``encode``:
+        modality -> the encoder's output for the batch's media (shared with the contrastive loss)."""
         captions = [" " + c.strip() for c in batch.captions]
         ids = self.llm_tokenizer(captions, add_special_tokens=False).input_ids
         if self.training:
@@ -181,7 +189,7 @@ class FoundationObjective(nn.Module):
         device = self.word_table.device
         targets, weights = targets.to(device), weights.to(device)
         for m, projection in self.input_projections.items():
-            encoded = self.encoder(m, batch.media[m])
+            encoded = encode(m)
             tokens = projection.project(encoded.patch_embeds, encoded.pooled_embeds)  # (B, K, D)
             logp = projection.word_logits(tokens, self.word_table).log_softmax(-1)  # (B, K, V)
             nll = -logp.gather(2, targets[:, None, :].expand(-1, logp.shape[1], -1))  # (B, K, L)
