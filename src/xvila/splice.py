@@ -145,17 +145,20 @@ def pack_rows(attention_mask: Tensor, capacity: int | None = None) -> Packing | 
     0..n-1, so its hidden states are those of its unpacked row (tests/test_splice.py checks this).
     """
     B, L = attention_mask.shape
+    if B == 0:
+        return None
     device = attention_mask.device
     real = attention_mask.bool()
     lengths = real.sum(1)
     t = torch.arange(L, device=device)
     if not torch.equal(real, t < lengths[:, None]):
         return None
-    capacity = max(capacity or L, int(lengths.max()))
+    sizes = lengths.tolist()
+    capacity = max(capacity or L, max(sizes))
     used: list[int] = []  # filled length of each packed row
     place = [(0, 0)] * B  # (packed row, offset) of each sequence
-    for b in sorted(range(B), key=lambda b: -int(lengths[b])):  # stable: ties keep their order
-        n = int(lengths[b])
+    for b in sorted(range(B), key=lambda b: -sizes[b]):  # stable: ties keep their order
+        n = sizes[b]
         r = next((r for r, u in enumerate(used) if u + n <= capacity), len(used))
         if r == len(used):
             used.append(0)
