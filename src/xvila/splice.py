@@ -135,38 +135,36 @@ class Packing:
         return self._take(y, self.target)
 
 
-def pack_rows(attention_mask: Tensor, capacity: int | None = None) -> Packing | None:
-    """Place the sequences of right-padded rows (B, L) end to end in as few rows of at most ``capacity`` positions
-    (default L) as first-fit decreasing finds, so that the LLM runs over fewer padding positions; None when that
-    saves no position, or when a row is not right-padded. The packed rows are as long as the longest of them.
-
-    The LLM must keep packed sequences apart: give it ``position_ids`` and no attention mask, and transformers
-    (pinned) builds a block-diagonal causal mask from where the positions restart. Each sequence keeps its positions
-    0..n-1, so its hidden states are those of its unpacked row (tests/test_splice.py checks this).
-    """
-    B, L = attention_mask.shape
-    if B == 0:
-        return None
-    device = attention_mask.device
+def _right_padded_lengths(attention_mask: Tensor) -> list[int] | None:
+    """Each row's length, or None when a row is not right-padded (its real positions are not a prefix)."""
     real = attention_mask.bool()
     lengths = real.sum(1)
-    t = torch.arange(L, device=device)
-    if not torch.equal(real, t < lengths[:, None]):
+    if not torch.equal(real, torch.arange(real.shape[1], device=real.device) < lengths[:, None]):
         return None
-    sizes = lengths.tolist()
-    capacity = max(capacity or L, max(sizes))
-    used: list[int] = []  # filled length of each packed row
-    place = [(0, 0)] * B  # (packed row, offset) of each sequence
-    for b in sorted(range(B), key=lambda b: -sizes[b]):  # stable: ties keep their order
+    return lengths.tolist()
+
+
+def _first_fit(sizes: list[int], capacity: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """First-fit decreasing: ((packed row, offset) of each sequence, the filled length of each packed row)."""
+    used: list[int] = []
+    place = [(0, 0)] * len(sizes)
+    for b in sorted(range(len(sizes)), key=lambda b: -sizes[b]):  # stable: ties keep their order
         n = sizes[b]
         r = next((r for r, u in enumerate(used) if u + n <= capacity), len(used))
         if r == len(used):
             used.append(0)
         place[b] = (r, used[r])
         used[r] += n
+    return place, used
+
+
+def _packing(attention_mask: Tensor, place: list[tuple[int, int]], used: list[int]) -> Packing:
+    """The index tensors of a plan from :func:`_first_fit`."""
+    B, L = attention_mask.shape
     R, C = len(used), max(used)
-    if R * C >= B * L:
-        return None
+    device = attention_mask.device
+    real = attention_mask.bool()
+    t = torch.arange(L, device=device)
     row, offset = (torch.tensor(v, device=device) for v in zip(*place))
     target = torch.where(real, (row * C + offset)[:, None] + t, R * C)  # (B, L)
     source = torch.full((R * C,), B * L, dtype=torch.long, device=device)
@@ -177,20 +175,41 @@ def pack_rows(attention_mask: Tensor, capacity: int | None = None) -> Packing | 
     return Packing(source.view(R, C), target, position_ids.view(R, C))
 
 
+def pack_rows(attention_mask: Tensor, capacity: int | None = None) -> Packing | None:
+    """Place the sequences of right-padded rows (B, L) end to end in as few rows of at most ``capacity`` positions
+    (default L) as first-fit decreasing finds, so that the LLM runs over fewer padding positions; None when that
+    saves no position, or when a row is not right-padded. The packed rows are as long as the longest of them.
+
+    The LLM must keep packed sequences apart: give it ``position_ids`` and no attention mask, and transformers
+    (pinned) builds a block-diagonal causal mask from where the positions restart. Each sequence keeps its positions
+    0..n-1, so its hidden states are those of its unpacked row (tests/test_splice.py checks this).
+    """
+    B, L = attention_mask.shape
+    sizes = _right_padded_lengths(attention_mask) if B else None
+    if sizes is None:
+        return None
+    place, used = _first_fit(sizes, max(capacity or L, max(sizes)))
+    if len(used) * max(used) >= B * L:
+        return None
+    return _packing(attention_mask, place, used)
+
+
 def cheapest_packing(attention_mask: Tensor, pair_cost: float) -> Packing | None:
     """The packing of right-padded rows (B, L) with the least estimated LLM cost, rows of L, 2L, ... BL positions
     tried; None when the unpacked rows cost least. A row of C positions is taken to cost C * (1 + pair_cost * C):
     its linear layers per position, and its attention per pair of positions (a masked attention kernel computes
-    every pair), ``pair_cost`` being the ratio of the two per-position costs."""
+    every pair), ``pair_cost`` being the ratio of the two per-position costs. Only the chosen plan's index tensors
+    are built."""
     B, L = attention_mask.shape
+    sizes = _right_padded_lengths(attention_mask) if B else None
+    if sizes is None:
+        return None
     best, best_cost = None, B * L * (1 + pair_cost * L)
     for j in range(1, B + 1):
-        packing = pack_rows(attention_mask, capacity=j * L)
-        if packing is None:
-            continue
-        R, C = packing.source.shape
-        if R * C * (1 + pair_cost * C) < best_cost:
-            best, best_cost = packing, R * C * (1 + pair_cost * C)
+        place, used = _first_fit(sizes, max(j * L, max(sizes)))
+        R, C = len(used), max(used)
+        if R * C < B * L and R * C * (1 + pair_cost * C) < best_cost:
+            best, best_cost = (place, used), R * C * (1 + pair_cost * C)
         if R == 1:
             break
-    return best
+    return None if best is None else _packing(attention_mask, *best)
