@@ -219,11 +219,16 @@ def test_outputs_names_exactly_the_modalities_written(model):
     assert [g.modality for g in asked.media] == ["audio"]
 
 
-def test_kv_cached_decoding_matches_full_recompute(model):
-    """Greedy decoding with the KV cache picks, at every step, the argmax of a full forward without cache."""
+@pytest.mark.parametrize("context", [0, 4, 200])
+def test_kv_cached_decoding_matches_full_recompute(config, context):
+    """Greedy decoding with the KV cache picks, at every step, the argmax of a full forward without cache; the
+    output projection gets the hidden states that training would give it (the run, and ``context`` states before it:
+    none, some, more than the conversation holds)."""
     from xvila.conversation import encode_conversation
+    from xvila.splice import gather_run_windows
 
-    model.eval()
+    torch.manual_seed(0)
+    model = XVilaModel(config.replace(output_projection=config.output_projection.replace(context=context))).eval()
     msgs = [Message("user", "describe", [MediaItem("image", media(model, "image"))])]
     answer = model.generate(msgs, GenerationConfig(max_new_tokens=10, decode_media=False, outputs=("audio",)))
     prompt, _ = encode_conversation(msgs, model.tokenizer, model.config.llm.template, add_generation_prompt=True)
@@ -244,9 +249,11 @@ def test_kv_cached_decoding_matches_full_recompute(model):
         step = logits[start + i - 1].clone()
         step[list(suppress)] = float("-inf")
         assert int(step.argmax()) == token, f"step {i}"
-    # the hidden states the decoder was conditioned on are those of the run's positions
+    # the decoder was conditioned on the run's hidden states (and those before it), as the teacher-forced pass has them
     pos = answer.token_ids.index(run[0])
-    cond = model.output_projections["audio"](hidden[:, start + pos:start + pos + len(run)])
+    states, mask = gather_run_windows(hidden, spliced.input_ids, torch.tensor(run), context)
+    assert states.shape[:2] == (1, context + len(run)) and mask.sum() == min(context, start + pos) + len(run)
+    cond = model.output_projections["audio"](states, mask)
     torch.testing.assert_close(cond[0], answer.media[0].cond_embeds, atol=1e-5, rtol=1e-4)
 
 

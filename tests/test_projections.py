@@ -25,12 +25,50 @@ def test_both_source_puts_the_pooled_token_first_and_patch_groups_after():
 
 @pytest.mark.parametrize("cond_shape", [(77, 768), (1, 512), (4, 16)])
 def test_output_projection_shapes(cond_shape):
-    proj = OutputProjection(OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1), 48, cond_shape)
+    proj = OutputProjection(OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1), 48, cond_shape, 8)
     hidden = torch.randn(2, 8, 48, requires_grad=True)
     out = proj(hidden)
     assert out.shape == (2, *cond_shape)
     out.sum().backward()
     assert hidden.grad.abs().sum() > 0
+
+
+
+def test_output_projection_with_context_ignores_masked_states_and_checks_the_window():
+    torch.manual_seed(0)
+    config = OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1, context=5)
+    proj = OutputProjection(config, 12, (1, 6), 3).eval()
+    states = torch.randn(4, 8, 12)
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    mask[1, :2] = False  # a run 3 positions from its sequence's start
+    mask[2, :5] = False
+    out = proj(states, mask)
+    changed = states.clone()
+    changed[1, :2] = 1e3
+    changed[2, :5] = -7.0
+    torch.testing.assert_close(proj(changed, mask), out)  # what the mask drops does not count
+    changed[0, 0] = 3.0
+    assert not torch.allclose(proj(changed, mask)[0], out[0])  # a kept context state does
+    torch.testing.assert_close(proj(states, torch.ones_like(mask))[3], out[3])  # rows are independent
+    with torch.no_grad():
+        proj.position.normal_()
+    assert not torch.allclose(proj(states, mask), out)  # the window positions are told apart
+    with pytest.raises(ValueError, match="reads 8 hidden states per run"):
+        proj(states[:, 5:])
+    with pytest.raises(ValueError, match="context must be >= 0"):
+        OutputProjectionConfig(context=-1)
+
+
+def test_standardize_uses_only_the_kept_states():
+    proj = OutputProjection(OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1, context=2),
+                            3, (1, 4), 1)
+    states = torch.randn(20, 3, 3)
+    mask = torch.ones(20, 3, dtype=torch.bool)
+    mask[:10, 0] = False
+    states[:10, 0] = 1e4  # zeros-like filler in a real window; far off here, so it would show
+    proj.standardize(states, mask)
+    torch.testing.assert_close(proj.input_mean, states[mask].mean(0))
+    assert proj.input_mean.abs().max() < 10
 
 
 def test_projection_config_errors():
@@ -103,7 +141,7 @@ def test_model_with_a_vocabulary_projection_mixes_its_llm_words(tmp_path):
 
 def test_standardize_sets_input_statistics_and_keeps_the_output_finite():
     torch.manual_seed(0)
-    proj = OutputProjection(OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1), 6, (1, 4))
+    proj = OutputProjection(OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1), 6, (1, 4), 3)
     hidden = torch.randn(50, 3, 6) * torch.tensor([0.1, 1.0, 1e3, 1.0, 1.0, 50.0]) + 7.0
     before = proj(hidden)
     proj.standardize(hidden)
@@ -128,14 +166,15 @@ def test_projection_objective_fits_caption_embeddings_from_hidden_states():
         def __init__(self):
             super().__init__()
             config = OutputProjectionConfig(width=32, heads=4, encoder_layers=1, decoder_layers=1)
-            self.output_projections = torch.nn.ModuleDict({"image": OutputProjection(config, 16, (1, 8))})
+            self.output_projections = torch.nn.ModuleDict({"image": OutputProjection(config, 16, (1, 8), 2)})
 
     model = Model()
     model.output_projections["image"].standardize(hidden)
     objective = ProjectionObjective(model, ("image",))
     assert ProjectionObjective.model_key("projections.image.proj_in.weight") == "output_projections.image.proj_in.weight"
     optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
-    batches = generation_state_batches({"image": (hidden, targets)}, batch_size=32, seed=0)
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    batches = generation_state_batches({"image": (hidden, mask, targets)}, batch_size=32, seed=0)
     for _ in range(300):
         out = objective(next(batches))
         optimizer.zero_grad()
@@ -151,14 +190,16 @@ def test_projection_objective_fits_caption_embeddings_from_hidden_states():
 def test_generation_state_batches_follow_the_micro_slot():
     from xvila.train.data import generation_state_batches
 
-    states = {"video": (torch.arange(40.0).view(10, 1, 4), torch.arange(10.0).view(10, 1, 1))}
+    states = {"video": (torch.arange(40.0).view(10, 1, 4), torch.arange(10).view(10, 1) % 2 == 0,
+                        torch.arange(10.0).view(10, 1, 1))}
     a = generation_state_batches(states, batch_size=3, seed=1)
     first, second = next(a), next(a)
     resumed = next(generation_state_batches(states, batch_size=3, seed=1, start=1))
     assert torch.equal(resumed.states["video"][0], second.states["video"][0])
     assert not torch.equal(first.states["video"][0], second.states["video"][0])
-    h, e = first.states["video"]
+    h, mask, e = first.states["video"]
     assert torch.equal(h[:, 0, 0] / 4, e[:, 0, 0]) and len(first) == 3  # rows stay paired
+    assert torch.equal(mask[:, 0], e[:, 0, 0] % 2 == 0)
 
 
 @pytest.mark.parametrize("phase_precision,collect,expected", [

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from xvila.splice import IGNORE_INDEX, cheapest_packing, gather_runs, pack_rows, splice_media
+from xvila.splice import IGNORE_INDEX, cheapest_packing, gather_run_windows, gather_runs, pack_rows, splice_media
 
 PH_A, PH_B = 90, 91
 
@@ -76,6 +76,27 @@ def test_gather_runs_in_order_and_errors():
         gather_runs(hidden, torch.tensor([[1, 50, 51, 2, 3], [0, 0, 0, 0, 0]]), run)
     with pytest.raises(ValueError, match="in order"):
         gather_runs(hidden, torch.tensor([[1, 51, 50, 52, 3], [0, 0, 0, 0, 0]]), run)
+
+
+
+def test_gather_run_windows_take_the_states_before_each_run():
+    run = torch.tensor([50, 51])
+    ids = torch.tensor([[1, 2, 3, 50, 51, 4, 50, 51], [50, 51, 5, 6, 7, 8, 9, 0]])
+    hidden = torch.arange(2 * 8 * 2, dtype=torch.float).view(2, 8, 2) + 1
+    windows, mask = gather_run_windows(hidden, ids, run, context=3)
+    assert windows.shape == (3, 5, 2) and mask.shape == (3, 5)
+    torch.testing.assert_close(windows[0], hidden[0, 0:5])  # 3 before the first run, then the run
+    torch.testing.assert_close(windows[1], hidden[0, 3:8])  # the second run's context holds the first run
+    assert mask[:2].all()
+    # a run at its row's start: nothing before it, masked out and zero
+    assert mask[2].tolist() == [False, False, False, True, True]
+    assert torch.all(windows[2, :3] == 0)
+    torch.testing.assert_close(windows[2, 3:], hidden[1, 0:2])
+    runs, all_kept = gather_run_windows(hidden, ids, run, context=0)
+    torch.testing.assert_close(runs, gather_runs(hidden, ids, run))
+    assert all_kept.all()
+    with pytest.raises(ValueError, match="in order"):
+        gather_run_windows(hidden, torch.tensor([[51, 50, 1, 2, 3, 4, 5, 6], [0] * 8]), run, context=2)
 
 
 def _right_padded(lengths, L):

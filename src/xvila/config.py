@@ -69,7 +69,7 @@ class XVilaConfig(Config):
             llm=LLMConfig.tiny(),
             decoders=DecodersConfig(ImageDecoderConfig.tiny(), VideoDecoderConfig.tiny(), AudioDecoderConfig.tiny()),
             input_projection=InputProjectionConfig(num_tokens=4),
-            output_projection=OutputProjectionConfig(width=64, heads=4, encoder_layers=1, decoder_layers=1),
+            output_projection=OutputProjectionConfig(width=64, heads=4, encoder_layers=1, decoder_layers=1, context=4),
             highway=HighwayConfig(hidden_channels=32),
             gen_tokens={"image": 4, "video": 8, "audio": 4},
         )
@@ -90,7 +90,10 @@ class XVilaConfig(Config):
             # motion is 3% of the patch tokens' variance, and with patch-group tokens the LLM named motion at chance
             # (docs/training.md, "Which encoder outputs become media tokens")
             input_projection=InputProjectionConfig(source="pooled", num_tokens=5),
-            output_projection=OutputProjectionConfig(width=128, heads=4, encoder_layers=1, decoder_layers=1),
+            # the projections read the 32 hidden states before each run too: the answer's description of what it
+            # generates (docs/training.md, "What the output projections read")
+            output_projection=OutputProjectionConfig(width=128, heads=4, encoder_layers=1, decoder_layers=1,
+                                                     context=32),
             # each patch token of the 4x4 grid gives a 2x2 block of the 8x8 latent map; the loss favours the noisiest
             # steps; sampling at strength 2 (model card: IoU with a true caption and with the LLM's answers)
             highway=HighwayConfig(hidden_channels=32, unpatchify=2, loss_timestep_power=2.0, strength=2.0),

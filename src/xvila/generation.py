@@ -1,9 +1,10 @@
 """Any-to-any generation: one assistant turn of a multi-turn conversation.
 
 The LLM decodes with a KV cache. When it writes the first generation token of a modality (``[IMG0]``), the rest
-of that run is fed in one step (the model never has to spell it out), the run's hidden states are kept, and after
-the text is done each run is projected into its decoder's conditioning space and turned into media. A visual
-output is guided by the Visual Embedding Highway when the conversation holds a visual input.
+of that run is fed in one step (the model never has to spell it out), the run's hidden states are kept (with those
+before it, for output projections that read context), and after the text is done each run is projected into its
+decoder's conditioning space and turned into media. A visual output is guided by the Visual Embedding Highway when
+the conversation holds a visual input.
 """
 
 from __future__ import annotations
@@ -110,9 +111,11 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
 
     out = backbone(inputs_embeds=spliced.inputs_embeds, use_cache=True)
     cache, last = out.cache, out.last_hidden_state[:, -1]  # (1, D)
+    context = model.config.output_projection.context
+    recent = out.last_hidden_state[0, -context:] if context else None  # the last `context` hidden states (<= C, D)
     all_ids: list[int] = []
     pieces: list[list[int] | tuple[str, int]] = [[]]  # text id lists and (modality, index) markers
-    runs: list[tuple[str, Tensor]] = []  # (modality, (K, D) hidden states)
+    runs: list[tuple[str, Tensor]] = []  # (modality, (C + K, D) hidden states the projection reads: see _window)
 
     def complete(steps_left: int) -> bool:  # no tokens left and every asked-for modality written
         return steps_left <= 0 and all(any(r[0] == m for r in runs) for m in config.outputs)
@@ -144,7 +147,9 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
         out = backbone(inputs_embeds=embed(step_ids), cache=cache, use_cache=True)
         cache, last = out.cache, out.last_hidden_state[:, -1]
         if token in run_starts:
-            runs.append((m, out.last_hidden_state[0]))
+            runs.append((m, _window(recent, out.last_hidden_state[0], context)))
+        if context:
+            recent = torch.cat([recent, out.last_hidden_state[0]])[-context:]
 
     generated = _decode_media(model, runs, encoded, guide, config, generator)
     text = "".join(
@@ -154,11 +159,24 @@ def generate(model, messages: list[Message], config: GenerationConfig | None = N
     return Answer(text, generated, tokenizer.decode(all_ids, skip_special_tokens=False), all_ids)
 
 
+def _window(recent: Tensor | None, run: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    """What the output projection reads of a run: the ``context`` hidden states before it (zeros, masked out, where
+    the conversation is shorter) and the run's K states, as in training (``xvila.splice.gather_run_windows``)."""
+    if not context:
+        return run, torch.ones(run.shape[0], dtype=torch.bool, device=run.device)
+    missing = context - recent.shape[0]
+    states = torch.cat([recent.new_zeros(missing, run.shape[1]), recent, run])
+    mask = torch.ones(states.shape[0], dtype=torch.bool, device=run.device)
+    mask[:missing] = False
+    return states, mask
+
+
 def _decode_media(model, runs, encoded, guide, config, generator) -> list[GeneratedMedia]:
     results: list[GeneratedMedia] = []
     for m in dict.fromkeys(r[0] for r in runs):
-        hidden = torch.stack([h for mm, h in runs if mm == m])  # (N, K, D)
-        cond = model.output_projections[m](hidden)  # (N, Q, D_cond)
+        states = torch.stack([w[0] for mm, w in runs if mm == m])  # (N, C + K, D)
+        mask = torch.stack([w[1] for mm, w in runs if mm == m])  # (N, C + K)
+        cond = model.output_projections[m](states, mask)  # (N, Q, D_cond)
         data = [None] * len(cond)
         if config.decode_media:
             residuals = None

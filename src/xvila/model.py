@@ -27,7 +27,7 @@ from xvila.llm import add_tokens, base_fingerprint, build_llm, is_addition, is_s
 from xvila.losses import LossWeights, align_loss, lm_loss, total_loss
 from xvila.modalities import get_modality
 from xvila.projections import InputProjection, OutputProjection
-from xvila.splice import SpliceOutput, cheapest_packing, gather_runs, splice_media
+from xvila.splice import SpliceOutput, cheapest_packing, gather_run_windows, splice_media
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class XVilaModel(nn.Module):
             for m in config.input_modalities
         })
         self.output_projections = nn.ModuleDict({
-            m: OutputProjection(config.output_projection, d, config.decoders.get(m).cond_shape)
+            m: OutputProjection(config.output_projection, d, config.decoders.get(m).cond_shape, config.gen_tokens[m])
             for m in config.output_modalities
         })
         self.decoders = nn.ModuleDict()  # filled by .decoder(m)
@@ -217,8 +217,9 @@ class XVilaModel(nn.Module):
         if weights.active("lm"):
             losses["lm"] = lm_loss(self.llm.get_output_embeddings(), hidden, spliced.labels)
         wants_decoder = any(weights.active(n) for n in ("align", "denoise", "highway"))
-        for m, (gen_hidden, targets) in (self._generation_runs(batch, spliced, hidden) if wants_decoder else {}).items():
-            cond = self.output_projections[m](gen_hidden)  # (N, Q, D_cond)
+        runs = self._generation_runs(batch, spliced, hidden) if wants_decoder else {}
+        for m, (states, mask, targets) in runs.items():
+            cond = self.output_projections[m](states, mask)  # (N, Q, D_cond)
             decoder = self.decoder(m)
             if weights.active("align"):
                 losses[f"align/{m}"] = align_loss(cond, self.caption_embeds(m, targets))
@@ -235,13 +236,14 @@ class XVilaModel(nn.Module):
         return XVilaOutput(total_loss(losses, weights), losses, hidden)
 
     @torch.no_grad()
-    def generation_states(self, batch: Batch) -> dict[str, tuple[Tensor, Tensor]]:
-        """{modality: (the LLM's hidden states at each generation run (N, K, D), the decoder's embedding of the run's
-        caption (N, Q, D_cond))}: what the output projections map from and to (the textual alignment's pairs)."""
+    def generation_states(self, batch: Batch) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """{modality: (the LLM's hidden states that each generation run's projection reads (N, W, D), their mask
+        (N, W), the decoder's embedding of the run's caption (N, Q, D_cond))}: what the output projections map from
+        and to (the textual alignment's pairs). W = the projection's context + the run's K tokens."""
         batch = batch.to(self.device)
         _, spliced, hidden = self._run_llm(batch)
-        return {m: (gen_hidden, self.caption_embeds(m, targets))
-                for m, (gen_hidden, targets) in self._generation_runs(batch, spliced, hidden).items()}
+        return {m: (states, mask, self.caption_embeds(m, targets))
+                for m, (states, mask, targets) in self._generation_runs(batch, spliced, hidden).items()}
 
     def caption_embeds(self, modality: str, targets) -> Tensor:
         """The decoder text encoder's embedding of the targets' captions (N, Q, D_cond), precomputed or computed."""
@@ -286,21 +288,23 @@ class XVilaModel(nn.Module):
         return packing.unpack(hidden)
 
     def _generation_runs(self, batch: Batch, spliced: SpliceOutput, hidden: Tensor) -> dict:
-        """{modality: (hidden states of its generation runs (N, K, D), its N targets)} for the output modalities
-        the batch has targets for; every run must have a target and every target a run."""
+        """{modality: (what its projection reads of each generation run: hidden states (N, W, D) and their mask
+        (N, W) (``gather_run_windows``), its N targets)} for the output modalities the batch has targets for; every
+        run must have a target and every target a run."""
         unknown = set(batch.targets) - set(self.output_projections)
         if unknown:
             raise ValueError(f"{sorted(unknown)} not output modalities of this model: {self.config.output_modalities}")
         runs = {}
         for m in self.config.output_modalities:
-            gen_hidden = gather_runs(hidden, spliced.input_ids, torch.tensor(self.gen_token_ids[m], device=self.device))
+            run_ids = torch.tensor(self.gen_token_ids[m], device=self.device)
+            states, mask = gather_run_windows(hidden, spliced.input_ids, run_ids, self.config.output_projection.context)
             targets = batch.targets.get(m)
             n_targets = 0 if targets is None else targets.media.shape[0]
-            if gen_hidden.shape[0] != n_targets:
-                raise ValueError(f"the answers hold {gen_hidden.shape[0]} {m} generation run(s) but {n_targets} "
+            if states.shape[0] != n_targets:
+                raise ValueError(f"the answers hold {states.shape[0]} {m} generation run(s) but {n_targets} "
                                  f"{m} target(s) were given: each run needs its target media and caption")
             if targets is not None:
-                runs[m] = (gen_hidden, targets)
+                runs[m] = (states, mask, targets)
         return runs
 
     def highway_residuals(self, modality: str, guide_modality: str, patch_embeds: Tensor,

@@ -110,6 +110,23 @@ def gather_runs(hidden: Tensor, input_ids: Tensor, run_ids: Tensor) -> Tensor:
     return hidden[is_gen].view(-1, K, hidden.shape[-1])
 
 
+def gather_run_windows(hidden: Tensor, input_ids: Tensor, run_ids: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    """Each generation run with the ``context`` positions before it: ((N, context + K, D) hidden states, (N,
+    context + K) mask, False where a window reaches before its row's first position, whose states are zeros).
+    ``context=0`` gives :func:`gather_runs` with an all-True mask. Runs in row-major order of appearance."""
+    runs = gather_runs(hidden, input_ids, run_ids)  # checks the runs
+    if context == 0:
+        return runs, torch.ones(runs.shape[:2], dtype=torch.bool, device=hidden.device)
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    rows, starts = (input_ids == run_ids[0]).nonzero(as_tuple=True)  # (N,) each, row-major like gather_runs
+    offsets = torch.arange(-context, run_ids.numel(), device=hidden.device)  # (C + K,)
+    positions = starts[:, None] + offsets  # (N, C + K)
+    mask = positions >= 0
+    windows = hidden[rows[:, None], positions.clamp(min=0)] * mask[..., None].to(hidden.dtype)
+    return windows, mask
+
+
 @dataclass
 class Packing:
     """Right-padded rows packed into fewer rows (see :func:`pack_rows`).

@@ -245,41 +245,43 @@ def output_modalities(spec: DataSpec, model) -> tuple[str, ...]:
 # ------------------------------------------------------------------------- generation states (phase "projections")
 @dataclass
 class GenStateBatch:
-    """Pairs for the output projections: {modality: (LLM hidden states at generation runs (N, K, D), the decoder's
-    caption embeddings (N, Q, D_cond))}."""
+    """Pairs for the output projections: {modality: (the LLM hidden states each generation run's projection reads
+    (N, W, D), their mask (N, W), the decoder's caption embeddings (N, Q, D_cond))}."""
 
-    states: dict[str, tuple[Tensor, Tensor]]
+    states: dict[str, tuple[Tensor, Tensor, Tensor]]
 
     def to(self, device) -> GenStateBatch:
-        return GenStateBatch({m: (h.to(device), e.to(device)) for m, (h, e) in self.states.items()})
+        return GenStateBatch({m: tuple(t.to(device) for t in parts) for m, parts in self.states.items()})
 
     def __len__(self) -> int:
-        return sum(h.shape[0] for h, _ in self.states.values())
+        return sum(h.shape[0] for h, _, _ in self.states.values())
 
 
 def collect_generation_states(spec: DataSpec, model, *, samples: int, batch_size: int, rank: int = 0,
                               world_size: int = 1, seed: int = 0, source: str | None = None,
-                              progress: bool = False, chat: tuple = ()) -> dict[str, tuple[Tensor, Tensor]]:
+                              progress: bool = False, chat: tuple = ()) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Run the (frozen) LLM once over this rank's share of ``samples`` conversations and keep, per output modality,
-    the hidden states of every generation run with its caption's embedding (float32, on the CPU)."""
+    what the projection reads of every generation run (hidden states, float32, and their mask) with its caption's
+    embedding, on the CPU."""
     from tqdm.auto import tqdm
 
     stream = SampleStream(spec, open_source(source or spec.source), model, seed, chat)
     mine = list(range(rank, samples, world_size))
     chunks = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
-    found: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    found: dict[str, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
     for chunk in tqdm(chunks, desc="generation states", unit="batch", disable=not progress, leave=False):
-        for m, (hidden, embeds) in model.generation_states(make_batch(stream, chunk, model)).items():
-            found.setdefault(m, ([], []))
+        for m, (hidden, mask, embeds) in model.generation_states(make_batch(stream, chunk, model)).items():
+            found.setdefault(m, ([], [], []))
             found[m][0].append(hidden.float().cpu())
-            found[m][1].append(embeds.float().cpu())
+            found[m][1].append(mask.cpu())
+            found[m][2].append(embeds.float().cpu())
     if not found:
         raise ValueError(f"{samples} samples of the tasks {sorted(spec.tasks)} hold no generation run: the "
                          "projections phase needs tasks that generate media (e.g. text->image)")
-    return {m: (torch.cat(h), torch.cat(e)) for m, (h, e) in sorted(found.items())}
+    return {m: tuple(torch.cat(parts) for parts in lists) for m, lists in sorted(found.items())}
 
 
-def generation_state_batches(states: dict[str, tuple[Tensor, Tensor]], *, batch_size: int, rank: int = 0,
+def generation_state_batches(states: dict[str, tuple[Tensor, Tensor, Tensor]], *, batch_size: int, rank: int = 0,
                              world_size: int = 1, seed: int = 0, start: int = 0) -> Iterator[GenStateBatch]:
     """Endless micro-batches of ``batch_size`` pairs per modality, drawn from ``states`` at random; micro-step ``u``'s
     draw is a pure function of ``(seed, its micro-slot)``, so a resumed run continues the same sequence."""
@@ -287,8 +289,8 @@ def generation_state_batches(states: dict[str, tuple[Tensor, Tensor]], *, batch_
     while True:
         rng = np.random.default_rng([seed, 2 << 20, micro_slot(u, rank, world_size)])
         picked = {}
-        for m, (hidden, embeds) in states.items():
-            rows = torch.from_numpy(rng.integers(0, hidden.shape[0], batch_size))
-            picked[m] = (hidden[rows], embeds[rows])
+        for m, parts in states.items():
+            rows = torch.from_numpy(rng.integers(0, parts[0].shape[0], batch_size))
+            picked[m] = tuple(t[rows] for t in parts)
         yield GenStateBatch(picked)
         u += 1

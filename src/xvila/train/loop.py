@@ -433,8 +433,8 @@ def phase_batches(phase: PhaseConfig, model, runtime: Runtime, data_seed: int, *
                                            progress=progress, chat=chat)
     model.train(was_training)
     if not held_out and phase.projections.standardize:
-        for m, (hidden, _) in states.items():
-            model.output_projections[m].standardize(hidden)  # DDP broadcasts rank 0's statistics
+        for m, (hidden, mask, _) in states.items():
+            model.output_projections[m].standardize(hidden, mask)  # DDP broadcasts rank 0's statistics
     return generation_state_batches(states, batch_size=phase.batch_size, rank=rank, world_size=world,
                                     seed=data_seed, start=start)
 

@@ -231,8 +231,8 @@ class ProjectionObjective(nn.Module):
         return list(self.projections.values())
 
     def forward(self, batch: GenStateBatch) -> StepOutput:
-        losses = {f"align/{m}": align_loss(self.projections[m](hidden), embeds)
-                  for m, (hidden, embeds) in batch.states.items()}
+        losses = {f"align/{m}": align_loss(self.projections[m](hidden, mask), embeds)
+                  for m, (hidden, mask, embeds) in batch.states.items()}
         losses["align"] = torch.stack(list(losses.values())).mean()
         return StepOutput(losses["align"], {k: v.detach() for k, v in losses.items()})
 
