@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -29,10 +28,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from xvila.cli import DEFAULT_MODEL, MODEL_HELP, load_model  # noqa: E402
 from xvila.projections import OutputProjection  # noqa: E402
-from xvila.train.data import SampleStream, make_batch, open_source  # noqa: E402
+from xvila.train.data import SampleStream, generation_state_batches, make_batch, open_source  # noqa: E402
+from xvila.train.loop import build_optimizer, build_scheduler  # noqa: E402
+from xvila.train.objectives import ProjectionObjective  # noqa: E402
 from xvila.train.recipe import read_recipe  # noqa: E402
 from xvila.world.probes import MODALITY_ATTRIBUTES, probe_audio, probe_image, probe_text, probe_video  # noqa: E402
 
@@ -57,28 +59,29 @@ def collect(model, spec, source: str, n: int, seed: int) -> dict[str, dict]:
 
 
 def fit(model, m: str, context: int, train: dict, phase, seed: int) -> OutputProjection:
-    """A fresh projection reading ``context`` states before the run, trained as the projections phase trains."""
+    """A fresh projection reading ``context`` states before the run, trained as the projections phase trains it:
+    the same objective, batches, optimizer, schedule and gradient clipping, on these states."""
     cfg = model.config
     k = cfg.gen_tokens[m]
     torch.manual_seed(seed)
     proj = OutputProjection(cfg.output_projection.replace(context=context), model.llm.config.hidden_size,
                             cfg.decoders.get(m).cond_shape, k)
-    states, mask, embeds = train["states"][:, -(context + k):], train["mask"][:, -(context + k):], train["embeds"]
+    states, mask = train["states"][:, -(context + k):], train["mask"][:, -(context + k):]
     proj.standardize(states, mask)
-    opt = phase.optimizer
-    optimizer = torch.optim.AdamW(proj.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-    schedule, steps = phase.schedule, phase.steps
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        warm = min(1.0, (step + 1) / max(1, schedule.warmup_steps))
-        cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = opt.lr * warm * (schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * cosine)
-        rows = torch.randint(0, states.shape[0], (phase.batch_size,), generator=g)
-        loss = F.mse_loss(proj(states[rows], mask[rows]), embeds[rows])
+    holder = nn.Module()  # what build_optimizer and the objective read of a model: its output projections
+    holder.output_projections, holder.decoders = nn.ModuleDict({m: proj}), nn.ModuleDict()
+    objective = ProjectionObjective(holder, (m,))
+    optimizer = build_optimizer(holder, phase.optimizer)
+    scheduler = build_scheduler(optimizer, phase.schedule, phase.steps)
+    batches = generation_state_batches({m: (states, mask, train["embeds"])}, batch_size=phase.batch_size, seed=seed)
+    for _ in range(phase.steps):
+        loss = objective(next(batches)).loss
         optimizer.zero_grad()
         loss.backward()
+        if phase.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(proj.parameters(), phase.max_grad_norm)
         optimizer.step()
+        scheduler.step()
     return proj.eval()
 
 

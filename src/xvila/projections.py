@@ -130,7 +130,7 @@ class OutputProjectionConfig(Config):
     dropout: float = 0.0
     # hidden states before each generation run that the projection reads too (0: the run's K tokens alone, as in
     # NExT-GPT and X-VILA). The answer's own words come before its runs ("A red circle moving left. [VID0]..."):
-    # reading them, xvila-tiny's projections explained 83-85% of the caption embeddings' variance instead of 58-59%
+    # reading them, xvila-tiny's projections explained 84-85% of the caption embeddings' variance instead of 55-58%
     # (docs/training.md, "What the output projections read")
     context: int = 0
 
