@@ -5,6 +5,7 @@ import torch
 
 from xvila.config import XVilaConfig
 from xvila.conversation import Message, MediaItem, collate, gen_run_text
+from xvila.decoders import ImageDecoderConfig, VideoDecoderConfig
 from xvila.generation import GenerationConfig
 from xvila.losses import LossWeights
 from xvila.model import XVilaModel
@@ -114,6 +115,29 @@ def test_gradients_reach_exactly_the_trainable_groups(model, groups):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, name
+
+
+def test_trainable_outputs_narrow_the_per_decoder_groups(config):
+    torch.manual_seed(0)
+    decoders = config.decoders.replace(image=ImageDecoderConfig.tiny(with_vae=True),
+                                       video=VideoDecoderConfig.tiny(with_vae=True))
+    model = XVilaModel(config.replace(decoders=decoders))
+    spec = TrainabilitySpec({"decoders": "full", "vaes": "full", "highway": "full"}, outputs=["image"])
+    counts = apply_trainability(model, spec)
+    groups = group_parameters(model)
+    for group in ("decoders", "vaes", "highway"):
+        trainable = {n.split(".")[1] for n, p in groups[group] if p.requires_grad}
+        frozen = {n.split(".")[1] for n, p in groups[group] if not p.requires_grad}
+        assert trainable == {"image"}, group
+        assert frozen >= {"video"}, group
+        assert counts[group].trainable == sum(p.numel() for n, p in groups[group] if n.split(".")[1] == "image")
+    model.zero_grad(set_to_none=True)
+    model(batch_of(model), ALL_LOSSES).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in groups["decoders"] if ".image." in n)
+    with pytest.raises(ValueError, match="not output modalities"):
+        apply_trainability(model, TrainabilitySpec({"vaes": "full"}, outputs=["smell"]))
+    with pytest.raises(ValueError, match="at least one output modality"):
+        TrainabilitySpec({"vaes": "full"}, outputs=[])
 
 
 def test_save_load_round_trip_is_exact(model, tmp_path):

@@ -134,11 +134,11 @@ class XVilaModel(nn.Module):
             inject_lora(decoder.denoiser, self.adapters["decoders"], decoder.lora_target_modules)
         # a decoder built after apply_trainability follows the spec; before any spec, its denoiser is trainable
         spec = self.trainability
-        decoder_mode = spec.mode("decoders") if spec is not None else "full"
+        decoder_mode = spec.mode("decoders", modality) if spec is not None else "full"
         decoder.requires_grad_(False)  # text encoder, vocoder: always frozen; the VAE as the "vaes" group says
         for name, param in decoder.denoiser.named_parameters():
             param.requires_grad_(decoder_mode == "full" or (decoder_mode == "lora" and "lora_" in name))
-        if decoder.vae is not None and spec is not None and spec.mode("vaes") == "full":
+        if decoder.vae is not None and spec is not None and spec.mode("vaes", modality) == "full":
             decoder.vae.requires_grad_(True)
         highway = None
         if self.config.highway is not None and get_modality(modality).visual:
@@ -146,7 +146,7 @@ class XVilaModel(nn.Module):
             if visual_inputs:
                 layout = decoder.residual_shapes(config.height, config.width)
                 highway = VisualHighway(self.config.highway, self.encoder.patch_dim(visual_inputs[0]), layout)
-                highway.requires_grad_(spec is None or spec.mode("highway") == "full")
+                highway.requires_grad_(spec is None or spec.mode("highway", modality) == "full")
         if self._weights_dir is not None:
             self._load_weights(f"decoder-{modality}.safetensors", decoder)
             if highway is not None:

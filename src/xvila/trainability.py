@@ -12,6 +12,9 @@ per group. The groups:
     vaes                the decoders' VAEs (tiny ones train on the toy world; a pretrained VAE stays frozen); the
                         decoders' text encoders and vocoders are always frozen
     highway             the Visual Embedding Highway controllers
+
+``TrainabilitySpec.outputs`` narrows the last three groups to some output modalities' parts (retrain the image and
+video decoders, keep the audio one).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ GROUPS = ("encoders", "input_projections", "llm", "token_rows", "output_projecti
           "highway")
 MODES = ("frozen", "lora", "full")
 LORA_GROUPS = ("llm", "decoders")
+PER_OUTPUT_GROUPS = ("decoders", "vaes", "highway")  # parameters named "<top>.<output modality>. ..."
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -51,8 +55,13 @@ class LoraSettings(Config):
 class TrainabilitySpec(Config):
     groups: dict[str, str] = field(default_factory=dict)  # group -> mode; groups not named are frozen
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # the decoders, vaes and highway groups hold only these output modalities' parts (the others stay frozen);
+    # None: every output modality's
+    outputs: list[str] | None = None
 
     def __post_init__(self):
+        if self.outputs is not None and not self.outputs:
+            raise ValueError("trainable.outputs: name at least one output modality, or leave it out (all of them)")
         for group, mode in self.groups.items():
             if group not in GROUPS:
                 raise ValueError(f"unknown component group {group!r}; groups: {list(GROUPS)}")
@@ -61,7 +70,10 @@ class TrainabilitySpec(Config):
             if mode == "lora" and group not in LORA_GROUPS:
                 raise ValueError(f"group {group!r} cannot use LoRA; LoRA is for {list(LORA_GROUPS)}")
 
-    def mode(self, group: str) -> str:
+    def mode(self, group: str, modality: str | None = None) -> str:
+        """The group's mode; with ``modality``, the mode of that output modality's part of a per-decoder group."""
+        if modality is not None and self.outputs is not None and modality not in self.outputs:
+            return "frozen"
         return self.groups.get(group, "frozen")
 
 
@@ -129,6 +141,11 @@ def apply_trainability(model: nn.Module, spec: TrainabilitySpec) -> dict[str, Gr
     LoRA adapters are injected the first time a group asks for them and kept afterwards (a later phase that
     freezes the group freezes its adapters too). Decoders are built first when a spec trains them or the highway.
     """
+    if spec.outputs is not None:
+        unknown = set(spec.outputs) - set(model.config.output_modalities)
+        if unknown:
+            raise ValueError(f"trainable.outputs names {sorted(unknown)}, not output modalities of the model "
+                             f"({list(model.config.output_modalities)})")
     if any(spec.mode(g) != "frozen" for g in ("decoders", "vaes", "highway")):
         model.load_decoders()
     for group in LORA_GROUPS:
@@ -152,7 +169,8 @@ def apply_trainability(model: nn.Module, spec: TrainabilitySpec) -> dict[str, Gr
     for group, params in group_parameters(model).items():
         mode = spec.mode(group)
         for name, param in params:
-            param.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
+            own = spec.mode(group, name.split(".")[1]) if group in PER_OUTPUT_GROUPS else mode
+            param.requires_grad_(own == "full" or (own == "lora" and "lora_" in name))
         counts[group] = GroupCount(mode, sum(p.numel() for _, p in params if p.requires_grad),
                                    sum(p.numel() for _, p in params))
     model.trainability = spec
