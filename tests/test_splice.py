@@ -133,6 +133,8 @@ def test_pack_rows_capacity_and_when_it_declines():
     assert cheapest_packing(_right_padded([3, 3], 3), pair_cost=0.01) is None  # full rows: only more pairs
     left = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert pack_rows(left) is None  # left padding: positions would differ from the unpacked rows'
+    empty = torch.zeros(0, 5, dtype=torch.long)
+    assert pack_rows(empty) is None and cheapest_packing(empty, pair_cost=0.01) is None
 
 
 def test_packed_llm_hidden_states_equal_the_unpacked_rows():

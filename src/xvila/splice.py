@@ -153,7 +153,10 @@ class Packing:
 
 
 def _right_padded_lengths(attention_mask: Tensor) -> list[int] | None:
-    """Each row's length, or None when a row is not right-padded (its real positions are not a prefix)."""
+    """Each row's length, or None when there is no row or a row is not right-padded (its real positions are not a
+    prefix)."""
+    if attention_mask.shape[0] == 0:
+        return None
     real = attention_mask.bool()
     lengths = real.sum(1)
     if not torch.equal(real, torch.arange(real.shape[1], device=real.device) < lengths[:, None]):
@@ -202,8 +205,7 @@ def pack_rows(attention_mask: Tensor, capacity: int | None = None) -> Packing | 
     0..n-1, so its hidden states are those of its unpacked row (tests/test_splice.py checks this).
     """
     B, L = attention_mask.shape
-    sizes = _right_padded_lengths(attention_mask) if B else None
-    if sizes is None:
+    if (sizes := _right_padded_lengths(attention_mask)) is None:
         return None
     place, used = _first_fit(sizes, max(capacity or L, max(sizes)))
     if len(used) * max(used) >= B * L:
@@ -218,8 +220,7 @@ def cheapest_packing(attention_mask: Tensor, pair_cost: float) -> Packing | None
     every pair), ``pair_cost`` being the ratio of the two per-position costs. Only the chosen plan's index tensors
     are built."""
     B, L = attention_mask.shape
-    sizes = _right_padded_lengths(attention_mask) if B else None
-    if sizes is None:
+    if (sizes := _right_padded_lengths(attention_mask)) is None:
         return None
     best, best_cost = None, B * L * (1 + pair_cost * L)
     for j in range(1, B + 1):
