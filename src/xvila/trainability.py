@@ -146,7 +146,7 @@ def apply_trainability(model: nn.Module, spec: TrainabilitySpec) -> dict[str, Gr
         if unknown:
             raise ValueError(f"trainable.outputs names {sorted(unknown)}, not output modalities of the model "
                              f"({list(model.config.output_modalities)})")
-    if any(spec.mode(g) != "frozen" for g in ("decoders", "vaes", "highway")):
+    if any(spec.mode(g) != "frozen" for g in PER_OUTPUT_GROUPS):
         model.load_decoders()
     for group in LORA_GROUPS:
         if spec.mode(group) != "lora":
