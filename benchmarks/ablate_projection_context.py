@@ -36,10 +36,9 @@ from xvila.train.data import SampleStream, generation_state_batches, make_batch,
 from xvila.train.loop import build_optimizer, build_scheduler  # noqa: E402
 from xvila.train.objectives import ProjectionObjective  # noqa: E402
 from xvila.train.recipe import read_recipe  # noqa: E402
-from xvila.world.probes import MODALITY_ATTRIBUTES, probe_audio, probe_image, probe_text, probe_video  # noqa: E402
+from xvila.world.probes import caption_accuracy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBES = {"image": probe_image, "video": probe_video, "audio": probe_audio}
 TASKS = {"text->image": 1.0, "text->video": 1.0, "text->audio": 1.0}
 
 
@@ -89,14 +88,7 @@ def probe_accuracy(model, m: str, cond: torch.Tensor, captions: list[str], seed:
     """Attribute accuracy of the decoder's outputs for ``cond`` (N, Q, D) against the captions' attributes."""
     with torch.no_grad():
         media = model.decoder(m).sample(cond, generator=torch.Generator().manual_seed(seed))
-    right, seen = {}, {}
-    for x, caption in zip(media, captions):
-        truth, got = probe_text(caption), PROBES[m](x)
-        for a in MODALITY_ATTRIBUTES[m]:
-            if truth[a] is not None:
-                seen[a] = seen.get(a, 0) + 1
-                right[a] = right.get(a, 0) + (got.get(a) == truth[a])
-    return {a: round(right[a] / seen[a], 3) for a in seen}
+    return caption_accuracy(m, media, captions)
 
 
 def main() -> None:

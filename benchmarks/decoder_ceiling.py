@@ -25,23 +25,9 @@ import torch  # noqa: E402
 from xvila.cli import DEFAULT_MODEL, MODEL_HELP, load_model  # noqa: E402
 from xvila.evaluation import world_clips  # noqa: E402
 from xvila.world import WorldConfig  # noqa: E402
-from xvila.world.probes import MODALITY_ATTRIBUTES, probe_audio, probe_image, probe_text, probe_video  # noqa: E402
+from xvila.world.probes import MEDIA_PROBES, caption_accuracy  # noqa: E402
 
-PROBES = {"image": probe_image, "video": probe_video, "audio": probe_audio}
 CHUNK = 16
-
-
-def accuracy(media: torch.Tensor, captions: list[str], modality: str) -> dict[str, float]:
-    """Per attribute: the share of ``media`` whose probe reading equals the caption's."""
-    right: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    for x, caption in zip(media, captions):
-        truth, got = probe_text(caption), PROBES[modality](x)
-        for a in MODALITY_ATTRIBUTES[modality]:
-            if truth[a] is not None:
-                seen[a] = seen.get(a, 0) + 1
-                right[a] = right.get(a, 0) + (got.get(a) == truth[a])
-    return {a: round(right[a] / seen[a], 3) for a in seen}
 
 
 @torch.no_grad()
@@ -50,13 +36,13 @@ def ceiling(model, modality: str, clips, guidance: float | None, steps: int | No
     captions = [c.caption for c in clips]
     media = torch.stack([c.tensors()[modality] for c in clips])
     g = torch.Generator().manual_seed(seed)
-    row = {"truth": accuracy(media, captions, modality)}
+    row = {"truth": caption_accuracy(modality, media, captions)}
     if decoder.vae is not None:
         rec = [decoder.latents_to_media(decoder.media_to_latents(part, g), g) for part in media.split(CHUNK)]
-        row["vae reconstruction"] = accuracy(torch.cat(rec), captions, modality)
+        row["vae reconstruction"] = caption_accuracy(modality, torch.cat(rec), captions)
     sampled = [decoder.sample(decoder.encode_text(captions[i:i + CHUNK]), generator=g, guidance_scale=guidance,
                               num_inference_steps=steps) for i in range(0, len(captions), CHUNK)]
-    row["text->X from the true caption"] = accuracy(torch.cat(sampled), captions, modality)
+    row["text->X from the true caption"] = caption_accuracy(modality, torch.cat(sampled), captions)
     return row
 
 
@@ -64,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     parser.add_argument("--n", type=int, default=64, help="test scenes")
-    parser.add_argument("--modalities", nargs="+", default=["image", "video", "audio"], choices=sorted(PROBES))
+    parser.add_argument("--modalities", nargs="+", default=["image", "video", "audio"], choices=sorted(MEDIA_PROBES))
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: each decoder's)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: each decoder's)")
     parser.add_argument("--threads", type=int, default=None)

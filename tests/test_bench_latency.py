@@ -1,21 +1,10 @@
 """The latency benchmark runs end to end on the tiny random model (figures are not checked, only their presence)."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_latency.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_latency", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_latency_reports_every_case_and_decoding_speeds(capsys):
-    bench = load_script()
+def test_bench_latency_reports_every_case_and_decoding_speeds(capsys, benchmark_script):
+    bench = benchmark_script("bench_latency")
     results = bench.main(["--model", "tiny-random", "--repeats", "1", "--max-new-tokens", "4", "--steps", "1",
                           "--decode-tokens", "8", "--json"])
     assert json.loads(capsys.readouterr().out) == results

@@ -8,10 +8,12 @@ import pytest
 import torch
 from scipy import ndimage
 
+from xvila.evaluation import world_clips
 from xvila.world import (
     MODALITY_ATTRIBUTES,
     Scene,
     WorldConfig,
+    caption_accuracy,
     degrade_audio,
     degrade_image,
     degrade_video,
@@ -241,3 +243,12 @@ def test_probes_take_tensors_and_reject_bad_layouts(scenes):
         probe_video(img, CFG)
     with pytest.raises(ValueError, match="NaN"):
         probe_audio(np.full(16000, np.nan), CFG)
+
+
+def test_caption_accuracy_compares_the_probes_with_the_captions():
+    clips = world_clips("test", 3, CFG)
+    video = torch.stack([c.tensors()["video"] for c in clips])
+    assert caption_accuracy("video", video, [c.caption for c in clips]) == {
+        "shape": 1.0, "colour": 1.0, "size": 1.0, "motion": 1.0}
+    shifted = [clips[1].caption, clips[2].caption, clips[0].caption]  # each video against another scene's caption
+    assert min(caption_accuracy("video", video, shifted).values()) < 1.0

@@ -23,7 +23,7 @@ from xvila.data.tasks import TaskSpec, build_sample, fit_media
 from xvila.data.world import sample_clip, world_scene
 from xvila.generation import GenerationConfig
 from xvila.world import WorldConfig, split_sample
-from xvila.world.probes import MODALITY_ATTRIBUTES, mask_iou, probe_audio, probe_image, probe_text, probe_video
+from xvila.world.probes import MEDIA_PROBES, MODALITY_ATTRIBUTES, mask_iou, probe_text
 from xvila.world.probes import score as probe_score
 from xvila.world.probes import shape_mask
 
@@ -33,7 +33,6 @@ GENERATION_TASKS = ("text->image", "text->video", "text->audio", "image->video",
                     "video->audio", "audio->image", "audio->video", "image+audio->video")
 UNDERSTANDING_TASKS = ("image->text", "video->text", "audio->text")
 HIGHWAY_TASKS = ("image->video", "video->image")
-PROBES = {"image": probe_image, "video": probe_video, "audio": probe_audio}
 
 
 @dataclass
@@ -88,7 +87,7 @@ def judge(model, task: str, clip: AlignedClip, generated: torch.Tensor | None, t
     if generated is None:
         return 0.0, 0.0
     scene = world_scene(clip)[0]
-    accuracy = probe_score(PROBES[target](generated.float().cpu()), scene, carried_attributes(task))
+    accuracy = probe_score(MEDIA_PROBES[target](generated.float().cpu()), scene, carried_attributes(task))
     return accuracy, alignment(model, target, generated, truth)
 
 

@@ -10,7 +10,9 @@ from xvila.world.captions import caption, caption_vocabulary
 from xvila.world.degrade import degrade_audio, degrade_image, degrade_video
 from xvila.world.geometry import SHAPES
 from xvila.world.probes import (
+    MEDIA_PROBES,
     MODALITY_ATTRIBUTES,
+    caption_accuracy,
     mask_iou,
     probe_audio,
     probe_image,
@@ -51,6 +53,7 @@ __all__ = [
     "COLOURS",
     "HARMONICS",
     "HELD_OUT_PAIRS",
+    "MEDIA_PROBES",
     "MODALITY_ATTRIBUTES",
     "MOTIONS",
     "NOTE_HZ",
@@ -62,6 +65,7 @@ __all__ = [
     "WorldConfig",
     "WorldSample",
     "caption",
+    "caption_accuracy",
     "caption_vocabulary",
     "degrade_audio",
     "degrade_image",

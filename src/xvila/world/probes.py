@@ -546,3 +546,20 @@ def score(
         else:
             right += value is not None and value == getattr(truth, attribute)
     return right / len(attributes)
+
+
+MEDIA_PROBES = {"image": probe_image, "video": probe_video, "audio": probe_audio}
+
+
+def caption_accuracy(modality: str, media: Any, captions: list[str]) -> dict[str, float]:
+    """Per attribute of ``modality``: the share of the items of ``media`` whose probe reading equals what their
+    caption (read by :func:`probe_text`) names; attributes a caption leaves out are not counted for it."""
+    right: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for x, caption in zip(media, captions, strict=True):
+        truth, got = probe_text(caption), MEDIA_PROBES[modality](x)
+        for a in MODALITY_ATTRIBUTES[modality]:
+            if truth[a] is not None:
+                seen[a] = seen.get(a, 0) + 1
+                right[a] = right.get(a, 0) + (got.get(a) == truth[a])
+    return {a: round(right[a] / seen[a], 3) for a in seen}
