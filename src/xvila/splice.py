@@ -99,6 +99,11 @@ def gather_runs(hidden: Tensor, input_ids: Tensor, run_ids: Tensor) -> Tensor:
     hidden: (B, L, D); input_ids: (B, L); run_ids: (K,) the generation token ids of one modality, in order.
     Each run must be the K tokens in order; runs are returned in row-major order of appearance.
     """
+    return hidden[_run_positions(input_ids, run_ids)].view(-1, run_ids.numel(), hidden.shape[-1])
+
+
+def _run_positions(input_ids: Tensor, run_ids: Tensor) -> Tensor:
+    """(B, L) True at the generation tokens, after checking that they form complete runs of ``run_ids`` in order."""
     K = run_ids.numel()
     is_gen = torch.isin(input_ids, run_ids)  # (B, L)
     total = int(is_gen.sum())
@@ -107,18 +112,19 @@ def gather_runs(hidden: Tensor, input_ids: Tensor, run_ids: Tensor) -> Tensor:
     ids = input_ids[is_gen].view(-1, K)  # (N, K)
     if not torch.equal(ids, run_ids.expand_as(ids)):
         raise ValueError(f"generation tokens must appear as complete runs {run_ids.tolist()} in order")
-    return hidden[is_gen].view(-1, K, hidden.shape[-1])
+    return is_gen
 
 
 def gather_run_windows(hidden: Tensor, input_ids: Tensor, run_ids: Tensor, context: int) -> tuple[Tensor, Tensor]:
     """Each generation run with the ``context`` positions before it: ((N, context + K, D) hidden states, (N,
     context + K) mask, False where a window reaches before its row's first position, whose states are zeros).
     ``context=0`` gives :func:`gather_runs` with an all-True mask. Runs in row-major order of appearance."""
-    runs = gather_runs(hidden, input_ids, run_ids)  # checks the runs
     if context == 0:
+        runs = gather_runs(hidden, input_ids, run_ids)
         return runs, torch.ones(runs.shape[:2], dtype=torch.bool, device=hidden.device)
     if context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
+    _run_positions(input_ids, run_ids)  # checks the runs
     rows, starts = (input_ids == run_ids[0]).nonzero(as_tuple=True)  # (N,) each, row-major like gather_runs
     offsets = torch.arange(-context, run_ids.numel(), device=hidden.device)  # (C + K,)
     positions = starts[:, None] + offsets  # (N, C + K)
