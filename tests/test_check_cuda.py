@@ -1,0 +1,49 @@
+"""scripts/check_cuda.py runs only on a GPU; here: its recipe overrides, its loss comparison and its refusal without
+a GPU."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from xvila.train.recipe import read_recipe
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_cuda.py"
+
+
+@pytest.fixture(scope="module")
+def check_cuda():
+    spec = importlib.util.spec_from_file_location("check_cuda", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_overrides_set_the_device_and_every_phase_precision(check_cuda, tmp_path, precision):
+    recipe = read_recipe(check_cuda.SMOKE, check_cuda.smoke(tmp_path, "cuda", precision))
+    assert recipe.device == "cuda" and recipe.output_dir == str(tmp_path)
+    assert {p.precision for p in recipe.phases} == {precision}
+
+
+def test_only_weight_and_data_determined_losses_are_compared(check_cuda):
+    cpu = [{"phase": "foundation", "losses": {"contrastive/image-text": 1.0, "contrastive/video-audio": 1.0,
+                                                "denoise/image": 1.0}},
+           {"phase": "foundation", "losses": {"contrastive/image-text": 9.0}},  # not a first step
+           {"phase": "alignment", "losses": {"lm": 2.0, "align/image": 1.0}}]
+    gpu = [{"phase": "foundation", "losses": {"contrastive/image-text": 1.01, "contrastive/video-audio": 3.0,
+                                                "denoise/image": 5.0}},
+           {"phase": "foundation", "losses": {"contrastive/image-text": 1.0}},
+           {"phase": "alignment", "losses": {"lm": 2.0, "align/image": 1.03}}]
+    worst, where = check_cuda.max_relative_difference(cpu, gpu, check_cuda.DETERMINISTIC)
+    assert worst == pytest.approx(0.03) and "align/image" in where
+    worst, where = check_cuda.max_relative_difference(cpu, gpu, ("contrastive/image-text",))
+    assert worst == pytest.approx(0.01) and "foundation" in where
+
+
+def test_without_a_gpu_it_says_so(check_cuda, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["check_cuda.py"])
+    assert check_cuda.main() == 2
+    assert "no CUDA device" in capsys.readouterr().err
