@@ -114,12 +114,13 @@ def generate_all(model: XVilaModel) -> dict[str, tuple[str, torch.Tensor, float]
         answer = model.generate(messages, config)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
         media = answer.media[0].data
-        results[name] = (answer.text, media.float().cpu(), time.perf_counter() - t)
+        results[name] = (answer.text, media.float().cpu(), seconds)
         expected = model.output_shape(outputs[0])
         check(f"generate {name} on {model.device.type}",
               tuple(media.shape) == tuple(expected) and bool(torch.isfinite(media).all()),
-              f"shape {tuple(media.shape)}, {time.perf_counter() - t:.2f} s")
+              f"shape {tuple(media.shape)}, {seconds:.2f} s")
     return results
 
 

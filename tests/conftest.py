@@ -15,12 +15,12 @@ def _seed():
 
 
 @pytest.fixture
-def benchmark_script():
-    """Import a script of benchmarks/ by its file name (the scripts are not a package)."""
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+def repo_script():
+    """Import a script of the repository (benchmarks/, scripts/: not packages) by its path from the root."""
+    root = Path(__file__).resolve().parents[1]
 
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    def load(path: str):
+        spec = importlib.util.spec_from_file_location(Path(path).stem, root / path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

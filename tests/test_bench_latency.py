@@ -3,8 +3,8 @@
 import json
 
 
-def test_bench_latency_reports_every_case_and_decoding_speeds(capsys, benchmark_script):
-    bench = benchmark_script("bench_latency")
+def test_bench_latency_reports_every_case_and_decoding_speeds(capsys, repo_script):
+    bench = repo_script("benchmarks/bench_latency.py")
     results = bench.main(["--model", "tiny-random", "--repeats", "1", "--max-new-tokens", "4", "--steps", "1",
                           "--decode-tokens", "8", "--json"])
     assert json.loads(capsys.readouterr().out) == results

@@ -1,23 +1,15 @@
 """scripts/check_cuda.py runs only on a GPU; here: its recipe overrides, its loss comparison and its refusal without
 a GPU."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from xvila.train.recipe import read_recipe
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_cuda.py"
 
-
-@pytest.fixture(scope="module")
-def check_cuda():
-    spec = importlib.util.spec_from_file_location("check_cuda", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def check_cuda(repo_script):
+    return repo_script("scripts/check_cuda.py")
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

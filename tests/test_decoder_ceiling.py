@@ -3,8 +3,8 @@
 import json
 
 
-def test_decoder_ceiling_reports_each_modality(capsys, benchmark_script):
-    bench = benchmark_script("decoder_ceiling")
+def test_decoder_ceiling_reports_each_modality(capsys, repo_script):
+    bench = repo_script("benchmarks/decoder_ceiling.py")
     results = bench.main(["--model", "tiny-random", "--n", "2", "--steps", "2", "--modalities", "image", "audio",
                           "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results
