@@ -137,6 +137,27 @@ def test_strength_zero_is_a_no_op(decoders):
     torch.testing.assert_close(half.mid, one.mid * 0.5)
 
 
+@pytest.mark.parametrize("end, guided", [(1.0, [True] * 4), (0.5, [True, True, False, False]), (0.3, [True, False, False, False])])
+def test_residuals_end_guides_only_the_noisiest_steps(decoders, monkeypatch, end, guided):
+    decoder = decoders["image"]
+    with torch.no_grad():
+        res = perturb(highway_for(decoder))(patches(), GRID)
+    seen, denoise = [], decoder._denoise
+
+    def spy(x, t, cond, residuals):
+        seen.append((int(t), residuals is not None))
+        return denoise(x, t, cond, residuals)
+
+    monkeypatch.setattr(decoder, "_denoise", spy)
+    decoder.sample(decoder.encode_text(["a", "b"]), num_inference_steps=4, residuals=res, residuals_end=end)
+    assert [on for _, on in seen] == guided
+    assert [t for t, _ in seen] == sorted((t for t, _ in seen), reverse=True)  # noisiest first
+    with pytest.raises(ValueError, match="residuals_end"):
+        decoder.sample(decoder.encode_text(["a"]), num_inference_steps=1, residuals=res, residuals_end=0.0)
+    with pytest.raises(ValueError, match="end must be"):
+        HighwayConfig(end=1.5)
+
+
 # --------------------------------------------------------------------------------------- temporal choices
 def test_video_input_guiding_an_image_uses_its_first_clip(decoders):
     highway = perturb(highway_for(decoders["image"]))
@@ -198,7 +219,8 @@ def test_highway_errors(decoders):
 
 
 def test_highway_config_round_trip():
-    cfg = HighwayConfig(hidden_channels=32, blocks_per_level=2, strength=0.5, unpatchify=2, loss_timestep_power=2.0)
+    cfg = HighwayConfig(hidden_channels=32, blocks_per_level=2, strength=0.5, unpatchify=2, loss_timestep_power=2.0,
+                        end=0.4)
     assert HighwayConfig.from_dict(cfg.to_dict()) == cfg
 
 

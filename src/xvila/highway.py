@@ -101,6 +101,9 @@ class HighwayConfig(Config):
     # training: the highway's denoising loss draws timesteps t = T * u^(1/p) (Decoder.denoising_loss); p > 1 favours
     # the noisiest steps, where the sample's layout (what the highway can tell) is decided; 1: uniform
     loss_timestep_power: float = 1.0
+    # sampling: the fraction of the denoising steps, noisiest first, that the residuals guide (diffusers' ControlNet
+    # ``control_guidance_end``); the later steps then follow the text alone. 1: every step
+    end: float = 1.0
 
     def __post_init__(self) -> None:
         if self.hidden_channels < 1:
@@ -113,6 +116,8 @@ class HighwayConfig(Config):
             raise ValueError(f"unpatchify must be at least 1, got {self.unpatchify}")
         if self.loss_timestep_power <= 0:
             raise ValueError(f"loss_timestep_power must be > 0, got {self.loss_timestep_power}")
+        if not 0.0 < self.end <= 1.0:
+            raise ValueError(f"end must be in (0, 1], got {self.end}")
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:

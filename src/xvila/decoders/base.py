@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -539,14 +540,18 @@ class Decoder(nn.Module):
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
         residuals: HighwayResiduals | None = None,
+        residuals_end: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """cond_embeds (B, Q, D_cond) -> media (B, ...) in repo conventions, at the config's size.
 
         Classifier-free guidance when ``guidance_scale > 1``: ``negative_embeds`` ((B or 1, Q, D_cond); default
         ``encode_text([""])``) give the unconditional half. Highway residuals guide both halves, so guidance
-        amplifies what the text adds and keeps the visual structure.
+        amplifies what the text adds and keeps the visual structure. ``residuals_end``: the fraction of the steps,
+        noisiest first, that the residuals guide (the first floor(end * steps); at least one).
         """
+        if not 0.0 < residuals_end <= 1.0:
+            raise ValueError(f"residuals_end must be in (0, 1], got {residuals_end}")
         b = cond_embeds.shape[0]
         self._check_cond(cond_embeds, b, "cond_embeds")
         sched = self.config.scheduler
@@ -568,10 +573,11 @@ class Decoder(nn.Module):
             cond = torch.cat([negative_embeds.to(dtype).expand(b, -1, -1), cond])  # (2B, Q, D): uncond, cond
             if residuals is not None:
                 residuals = residuals.repeat_batch(2)
-        for t in sampler.timesteps:
+        guided_steps = max(1, math.floor(residuals_end * len(sampler.timesteps) + 1e-6))
+        for i, t in enumerate(sampler.timesteps):
             x = torch.cat([latents] * 2) if do_cfg else latents
             x = sampler.scale_model_input(x, t)
-            pred = self._denoise(x, t, cond, residuals)
+            pred = self._denoise(x, t, cond, residuals if i < guided_steps else None)
             if do_cfg:
                 uncond, text = pred.chunk(2)
                 pred = uncond + guidance_scale * (text - uncond)
