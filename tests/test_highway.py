@@ -158,6 +158,17 @@ def test_residuals_end_guides_only_the_noisiest_steps(decoders, monkeypatch, end
         HighwayConfig(end=1.5)
 
 
+def test_end_per_output_modality():
+    cfg = HighwayConfig(end={"image": 0.5, "video": 0.7})
+    assert (cfg.end_for("image"), cfg.end_for("video")) == (0.5, 0.7)
+    assert HighwayConfig(end={"image": 0.5}).end_for("video") == 1.0 and HighwayConfig(end=0.6).end_for("video") == 0.6
+    assert HighwayConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="'audio' is not a visual output modality"):
+        HighwayConfig(end={"audio": 0.5})
+    with pytest.raises(ValueError, match="end must be in"):
+        HighwayConfig(end={"video": 0.0})
+
+
 # --------------------------------------------------------------------------------------- temporal choices
 def test_video_input_guiding_an_image_uses_its_first_clip(decoders):
     highway = perturb(highway_for(decoders["image"]))

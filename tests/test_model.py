@@ -89,7 +89,7 @@ def test_generation_is_deterministic_and_decoders_load_once(model):
 
 def test_generation_passes_the_highway_end_to_visual_decoders_only(config, monkeypatch):
     torch.manual_seed(0)
-    model = XVilaModel(config.replace(highway=config.highway.replace(end=0.4)))
+    model = XVilaModel(config.replace(highway=config.highway.replace(end={"image": 0.4, "video": 0.8})))
     seen = {}
     for m in ("image", "audio"):
         decoder = model.decoder(m)

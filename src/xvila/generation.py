@@ -183,7 +183,7 @@ def _decode_media(model, runs, encoded, guide, config, generator) -> list[Genera
             if config.highway and guide is not None and model.config.highway is not None and get_modality(m).visual:
                 patch = encoded[guide[0]].patch_embeds[guide[1]]  # (P, C)
                 residuals = model.highway_residuals(m, guide[0], patch.expand(len(cond), *patch.shape))
-                end = model.config.highway.end
+                end = model.config.highway.end_for(m)
             kwargs = {k: v for k, v in (("num_inference_steps", config.num_inference_steps),
                                         ("guidance_scale", config.guidance_scale)) if v is not None}
             data = model.decoder(m).sample(cond, residuals=residuals, residuals_end=end, generator=generator,

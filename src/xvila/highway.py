@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xvila.configuration import Config
+from xvila.modalities import MODALITIES
 
 FRAME_MODES = ("image", "stacked", "per_frame")
 
@@ -102,8 +103,9 @@ class HighwayConfig(Config):
     # the noisiest steps, where the sample's layout (what the highway can tell) is decided; 1: uniform
     loss_timestep_power: float = 1.0
     # sampling: the fraction of the denoising steps, noisiest first, that the residuals guide (diffusers' ControlNet
-    # ``control_guidance_end``); the later steps then follow the text alone. 1: every step
-    end: float = 1.0
+    # ``control_guidance_end``); the later steps then follow the text alone. 1: every step. A mapping sets it per
+    # output modality ({"image": 0.5, "video": 0.7}); a visual modality it leaves out gets 1
+    end: float | dict[str, float] = 1.0
 
     def __post_init__(self) -> None:
         if self.hidden_channels < 1:
@@ -116,8 +118,17 @@ class HighwayConfig(Config):
             raise ValueError(f"unpatchify must be at least 1, got {self.unpatchify}")
         if self.loss_timestep_power <= 0:
             raise ValueError(f"loss_timestep_power must be > 0, got {self.loss_timestep_power}")
-        if not 0.0 < self.end <= 1.0:
-            raise ValueError(f"end must be in (0, 1], got {self.end}")
+        ends = self.end if isinstance(self.end, dict) else {"every output": self.end}
+        for name, end in ends.items():
+            if isinstance(self.end, dict) and not (name in MODALITIES and MODALITIES[name].visual):
+                visual = sorted(m for m, spec in MODALITIES.items() if spec.visual)
+                raise ValueError(f"end: {name!r} is not a visual output modality; use one of {visual}")
+            if not 0.0 < end <= 1.0:
+                raise ValueError(f"end must be in (0, 1], got {end} for {name}")
+
+    def end_for(self, modality: str) -> float:
+        """The fraction of the sampling steps the residuals guide for ``modality``'s decoder."""
+        return self.end.get(modality, 1.0) if isinstance(self.end, dict) else self.end
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
