@@ -137,7 +137,9 @@ def test_strength_zero_is_a_no_op(decoders):
     torch.testing.assert_close(half.mid, one.mid * 0.5)
 
 
-@pytest.mark.parametrize("end, guided", [(1.0, [True] * 4), (0.5, [True, True, False, False]), (0.3, [True, False, False, False])])
+@pytest.mark.parametrize(
+    "end, guided", [(1.0, [True] * 4), (0.5, [True, True, False, False]), (0.3, [True, False, False, False])]
+)
 def test_residuals_end_guides_only_the_noisiest_steps(decoders, monkeypatch, end, guided):
     decoder = decoders["image"]
     with torch.no_grad():

@@ -86,15 +86,19 @@ def test_generation_is_deterministic_and_decoders_load_once(model):
     assert a.text == b.text and torch.equal(a.media[0].data, b.media[0].data)
 
 
-
 def test_generation_passes_the_highway_end_to_visual_decoders_only(config, monkeypatch):
     torch.manual_seed(0)
     model = XVilaModel(config.replace(highway=config.highway.replace(end={"image": 0.4, "video": 0.8})))
     seen = {}
+
+    def spy(modality, sample):
+        def wrapped(cond, **kwargs):
+            seen[modality] = kwargs
+            return sample(cond, **kwargs)
+        return wrapped
+
     for m in ("image", "audio"):
-        decoder = model.decoder(m)
-        monkeypatch.setattr(decoder, "sample", lambda cond, m=m, decoder=decoder, **kw: (
-            seen.__setitem__(m, kw), decoder.__class__.sample(decoder, cond, **kw))[1])
+        monkeypatch.setattr(model.decoder(m), "sample", spy(m, model.decoder(m).sample))
     msgs = [Message("user", "draw", [MediaItem("video", media(model, "video"))])]
     model.generate(msgs, GenerationConfig(max_new_tokens=4, outputs=("image", "audio"), num_inference_steps=2))
     assert seen["image"]["residuals"] is not None and seen["image"]["residuals_end"] == 0.4
