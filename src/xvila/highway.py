@@ -119,9 +119,9 @@ class HighwayConfig(Config):
         if self.loss_timestep_power <= 0:
             raise ValueError(f"loss_timestep_power must be > 0, got {self.loss_timestep_power}")
         ends = self.end if isinstance(self.end, dict) else {"every output": self.end}
+        visual = sorted(name for name, spec in MODALITIES.items() if spec.visual)
         for name, end in ends.items():
-            if isinstance(self.end, dict) and not (name in MODALITIES and MODALITIES[name].visual):
-                visual = sorted(m for m, spec in MODALITIES.items() if spec.visual)
+            if isinstance(self.end, dict) and name not in visual:
                 raise ValueError(f"end: {name!r} is not a visual output modality; use one of {visual}")
             if not 0.0 < end <= 1.0:
                 raise ValueError(f"end must be in (0, 1], got {end} for {name}")
