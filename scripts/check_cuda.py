@@ -1,5 +1,6 @@
 """Check xvila's CUDA path on a machine with a GPU: training (fp32 and bf16, one process and under torchrun with
-DDP and FSDP2 on NCCL) and generation of every output modality, each compared with the same work on the CPU.
+DDP and FSDP2 on NCCL, and DeepSpeed ZeRO-2 where the deepspeed package is installed) and generation of every output
+modality, each compared with the same work on the CPU.
 
     python scripts/check_cuda.py [--out DIR] [--skip-torchrun]
 
@@ -10,6 +11,7 @@ One line per check with its figures; the exit status is 1 if any check failed. C
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import socket
 import subprocess
@@ -26,7 +28,9 @@ from xvila.model import XVilaModel
 from xvila.train.loop import train
 from xvila.train.recipe import read_recipe
 
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "recipes" / "smoke.yaml"
+ZERO2 = ROOT / "recipes" / "deepspeed" / "zero2.json"
 # first-step losses of each phase that depend only on the weights and the data. The denoising losses draw noise from
 # the device's generator, and so do the audio tower's stochastic-depth masks (drop_path), so those differ between the
 # CPU and the GPU by design. The contrastive losses of the random tiny encoders sit near chance, where a small change
@@ -53,6 +57,19 @@ def run_smoke(out: Path, device: str, precision: str) -> tuple[float, list[dict]
     t = time.perf_counter()
     train(read_recipe(SMOKE, smoke(out, device, precision)), progress=False)
     return time.perf_counter() - t, steps_of(out)
+
+
+def run_phases_from(cpu_out: Path, out: Path, device: str, precision: str) -> list[dict]:
+    """Each phase alone, from the CPU run's output of the phase before it (the first from the recipe's model). Its
+    first step then starts from the CPU's weights: the earlier phases' noise draws, which differ between devices,
+    do not reach the comparison."""
+    phases, steps = read_recipe(SMOKE).phases, []
+    for i, phase in enumerate(phases):
+        init = cpu_out / f"phase-{phases[i - 1].name}" if i else None
+        train(read_recipe(SMOKE, smoke(out / phase.name, device, precision)), phase=phase.name, init=init,
+              progress=False)
+        steps += steps_of(out / phase.name)
+    return steps
 
 
 def steps_of(out: Path) -> list[dict]:
@@ -83,16 +100,25 @@ def all_finite(steps: list[dict]) -> bool:
     return bool(steps) and all(torch.isfinite(torch.tensor([r["loss"], *r["losses"].values()])).all() for r in steps)
 
 
-def torchrun(out: Path, strategy: str) -> tuple[int, float, str]:
+def torchrun(out: Path, strategy: str, *extra: str) -> tuple[int, float, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
            "-m", "xvila.train.cli", str(SMOKE), *smoke(out, "cuda", "bf16"), f"distributed.strategy={strategy}",
-           "--no-progress"]
+           *extra, "--no-progress"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return proc.returncode, time.perf_counter() - t, proc.stderr[-2000:]
+
+
+def _loads(folder: Path) -> bool:
+    try:
+        XVilaModel.from_pretrained(folder, device="cpu")
+    except Exception as e:  # noqa: BLE001 - reported as the check's detail
+        print(f"     loading {folder}: {type(e).__name__}: {e}", flush=True)
+        return False
+    return True
 
 
 def generate_all(model: XVilaModel) -> dict[str, tuple[str, torch.Tensor, float]]:
@@ -140,22 +166,31 @@ def main() -> int:
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32
     t_gpu, gpu = run_smoke(out / "cuda-fp32", "cuda", "no")
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     check("smoke recipe on CUDA, fp32", all_finite(gpu) and len(gpu) == len(cpu),
           f"{len(gpu)} steps in {t_gpu:.1f} s (CPU {t_cpu:.1f} s)")
-    worst, where = max_relative_difference(cpu, gpu, DETERMINISTIC)
-    check("first-step losses, CUDA fp32 (no TF32) vs CPU fp32", worst < 1e-2, f"largest relative difference {worst:.2e} ({where})")
+    alone = run_phases_from(out / "cpu-fp32", out / "cuda-fp32-phases", "cuda", "no")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    worst, where = max_relative_difference(cpu, alone, DETERMINISTIC)
+    check("first-step losses, CUDA fp32 (no TF32) vs CPU fp32, each phase from the CPU's previous phase", worst < 1e-2,
+          f"largest relative difference {worst:.2e} ({where})")
     t_bf16, bf16 = run_smoke(out / "cuda-bf16", "cuda", "bf16")
     worst, where = max_relative_difference(cpu, bf16, SMOOTH)
     check("smoke recipe on CUDA, bf16 autocast", all_finite(bf16) and worst < 5e-2,
           f"{len(bf16)} steps in {t_bf16:.1f} s; first-step LM and alignment losses within {worst:.2e} of fp32 on "
           f"the CPU ({where})")
     if not args.skip_torchrun:
-        for strategy in ("ddp", "fsdp"):
-            rc, seconds, err = torchrun(out / f"torchrun-{strategy}", strategy)
+        runs = {"ddp": (), "fsdp": ()}
+        if importlib.util.find_spec("deepspeed") is not None:
+            runs["deepspeed"] = (f"distributed.deepspeed_config={ZERO2}",)
+        else:
+            print("     deepspeed is not installed: its run is left out", flush=True)
+        for strategy, extra in runs.items():
+            rc, seconds, err = torchrun(out / f"torchrun-{strategy}", strategy, *extra)
             steps = steps_of(out / f"torchrun-{strategy}") if rc == 0 else []
-            check(f"torchrun, 1 process, NCCL, {strategy}, bf16", rc == 0 and all_finite(steps),
-                  f"exit {rc}, {len(steps)} steps in {seconds:.1f} s" + ("" if rc == 0 else f"\n{err}"))
+            loads = rc == 0 and _loads(out / f"torchrun-{strategy}" / f"phase-{read_recipe(SMOKE).phases[-1].name}")
+            check(f"torchrun, 1 process, NCCL, {strategy}, bf16", rc == 0 and all_finite(steps) and loads,
+                  f"exit {rc}, {len(steps)} steps in {seconds:.1f} s, saved model loads: {loads}"
+                  + ("" if rc == 0 else f"\n{err}"))
 
     final = out / "cuda-fp32" / f"phase-{read_recipe(SMOKE).phases[-1].name}"
     on_cpu = generate_all(XVilaModel.from_pretrained(final, device="cpu").eval())

@@ -39,3 +39,18 @@ def test_without_a_gpu_it_says_so(check_cuda, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["check_cuda.py"])
     assert check_cuda.main() == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_each_phase_alone_starts_from_the_cpu_runs_previous_phase(check_cuda, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(recipe, phase=None, init=None, progress=False):
+        calls.append((phase, init, recipe.output_dir, recipe.device))
+
+    monkeypatch.setattr(check_cuda, "train", fake_train)
+    monkeypatch.setattr(check_cuda, "steps_of", lambda out: [{"phase": out.name}])
+    steps = check_cuda.run_phases_from(tmp_path / "cpu", tmp_path / "gpu", "cuda", "no")
+    names = [p.name for p in read_recipe(check_cuda.SMOKE).phases]
+    assert [c[0] for c in calls] == names and [s["phase"] for s in steps] == names
+    assert [c[1] for c in calls] == [None] + [tmp_path / "cpu" / f"phase-{n}" for n in names[:-1]]
+    assert {c[3] for c in calls} == {"cuda"} and calls[1][2] == str(tmp_path / "gpu" / names[1])

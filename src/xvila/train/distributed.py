@@ -10,8 +10,8 @@ Strategies (``DistributedConfig.strategy``, used when ``WORLD_SIZE > 1``):
 - ``fsdp``: FSDP2 (``fully_shard``): the blocks the objective runs on every batch are shard units of their own
   (the LLM's layers; in phase 0 also the encoder blocks and decoder UNets), the rest of the objective is one more
   unit; parameters, gradients and optimizer states are sharded;
-- ``deepspeed``: DeepSpeed ZeRO through ``deepspeed.initialize`` with the user's JSON config. GPU only, and NOT
-  tested by this project (no GPU, no DeepSpeed in our test environment): treat it as a starting point.
+- ``deepspeed``: DeepSpeed ZeRO through ``deepspeed.initialize`` with the user's JSON config. GPU only; checked by
+  ``scripts/check_cuda.py`` with one process on one GPU (ZeRO-2), never with several: treat it as a starting point.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ class FSDPStrategy(Strategy):
 
 
 class DeepSpeedStrategy(Strategy):
-    """UNTESTED here (no GPU, no DeepSpeed): ZeRO via ``deepspeed.initialize``. The engine owns accumulation,
+    """ZeRO via ``deepspeed.initialize`` (checked with one process on one GPU only). The engine owns accumulation,
     clipping and the optimizer step; configure them in the JSON (``gradient_accumulation_steps``,
     ``gradient_clipping``) to match the phase."""
 

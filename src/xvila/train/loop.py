@@ -197,7 +197,7 @@ def run_phase(recipe: RecipeConfig, index: int, runtime: Runtime, reporter: Repo
     phase = recipe.phases[index]
     strategy = make_strategy(runtime, recipe.distributed)
     if isinstance(strategy, DeepSpeedStrategy) and (phase.grad_accum != 1 or phase.checkpoint_every or ckpt):
-        raise TrainingError(f"phase {phase.name}: with DeepSpeed (untested here) set grad_accum: 1 (and "
+        raise TrainingError(f"phase {phase.name}: with DeepSpeed set grad_accum: 1 (and "
                             "gradient_accumulation_steps: 1 in its JSON) and checkpoint_every: 0; checkpoints and "
                             "resume are not implemented for it")
     check_precision(phase.precision, runtime.device)
