@@ -178,6 +178,7 @@ def main() -> int:
     check("smoke recipe on CUDA, bf16 autocast", all_finite(bf16) and worst < 5e-2,
           f"{len(bf16)} steps in {t_bf16:.1f} s; first-step LM and alignment losses within {worst:.2e} of fp32 on "
           f"the CPU ({where})")
+    last = f"phase-{read_recipe(SMOKE).phases[-1].name}"  # the folder each run's final model is saved in
     if not args.skip_torchrun:
         runs = {"ddp": (), "fsdp": ()}
         if importlib.util.find_spec("deepspeed") is not None:
@@ -187,12 +188,12 @@ def main() -> int:
         for strategy, extra in runs.items():
             rc, seconds, err = torchrun(out / f"torchrun-{strategy}", strategy, *extra)
             steps = steps_of(out / f"torchrun-{strategy}") if rc == 0 else []
-            loads = rc == 0 and _loads(out / f"torchrun-{strategy}" / f"phase-{read_recipe(SMOKE).phases[-1].name}")
+            loads = rc == 0 and _loads(out / f"torchrun-{strategy}" / last)
             check(f"torchrun, 1 process, NCCL, {strategy}, bf16", rc == 0 and all_finite(steps) and loads,
                   f"exit {rc}, {len(steps)} steps in {seconds:.1f} s, saved model loads: {loads}"
                   + ("" if rc == 0 else f"\n{err}"))
 
-    final = out / "cuda-fp32" / f"phase-{read_recipe(SMOKE).phases[-1].name}"
+    final = out / "cuda-fp32" / last
     on_cpu = generate_all(XVilaModel.from_pretrained(final, device="cpu").eval())
     gpu_model = XVilaModel.from_pretrained(final, device="cuda").eval()
     check("model on CUDA", all(p.device.type == "cuda" for p in gpu_model.parameters()),
