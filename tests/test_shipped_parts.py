@@ -166,6 +166,52 @@ def test_conditioning_dropout_blanks_some_captions(monkeypatch):
     assert all(t in ("", c) for t, c in zip(seen[1], captions))
 
 
+def test_conditioning_mix_and_noise_move_captioned_rows_only(monkeypatch):
+    from xvila.train.data import ClipBatch
+    from xvila.train.objectives import FoundationObjective
+
+    torch.manual_seed(0)
+    model = XVilaModel(XVilaConfig.tiny())
+    decoder = model.decoder("image")
+    seen = {}
+    monkeypatch.setattr(decoder, "denoising_loss", lambda media, cond, **kw: seen.setdefault("cond", cond).sum() * 0)
+    captions = [f"caption {i}" for i in range(8)]
+    batch = ClipBatch(media={"image": torch.rand(8, 3, 32, 32)}, captions=captions)
+    clean = decoder.encode_text(captions)
+    for mix, noise in ((0.0, 0.0), (0.3, 0.0), (0.0, 0.5)):
+        seen.clear()
+        config = FoundationConfig(contrastive=0.0, cond_dropout=0.0, cond_mix=mix, cond_noise=noise)
+        objective = FoundationObjective(model, config, ("image",))
+        objective.train()
+        objective(batch)
+        moved = (seen["cond"] - clean).flatten(1).norm(dim=1)  # (8,)
+        if mix == noise == 0:
+            assert torch.equal(seen["cond"], clean)
+        elif mix:  # towards other rows, by less than half the way to the farthest one
+            others = torch.cdist(clean.flatten(1), clean.flatten(1)).amax(dim=1)
+            assert (moved > 0).all() and (moved < 0.5 * others).all()
+            a, b = clean.flatten(1).double(), seen["cond"].flatten(1).double()
+            inside = torch.linalg.lstsq(a.T, b.T).solution.T @ a  # b's part in the span of the captions' rows
+            assert (b - inside).norm() < 1e-4 * b.norm()  # a mix of captions, no noise
+        else:
+            assert moved.mean() == pytest.approx(0.5 * clean[0].numel() ** 0.5, rel=0.2)
+        objective.eval()  # evaluation losses see the captions as they are
+        seen.clear()
+        objective(batch)
+        assert torch.equal(seen["cond"], clean)
+    blanked = ClipBatch(media=batch.media, captions=[""] * 4 + captions[4:])
+    seen.clear()
+    objective = FoundationObjective(model, FoundationConfig(contrastive=0.0, cond_dropout=0.0, cond_mix=0.3,
+                                                            cond_noise=0.5), ("image",))
+    objective.train()
+    objective(blanked)
+    assert torch.equal(seen["cond"][:4], decoder.encode_text([""] * 4))
+    with pytest.raises(ValueError, match="cond_mix"):
+        FoundationConfig(cond_mix=0.5)
+    with pytest.raises(ValueError, match="cond_noise"):
+        FoundationConfig(cond_noise=-1.0)
+
+
 def test_autoencode_names_a_decoder_without_a_vae():
     from xvila.train.objectives import FoundationObjective
 

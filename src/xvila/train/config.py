@@ -118,6 +118,12 @@ class FoundationConfig(Config):
     min_logit_scale: float = 10.0  # floor on the temperature (image/video have none of their own in ImageBind)
     cond_dropout: float = 0.1  # share of captions replaced by "" so the decoders learn the unconditional branch
     # that classifier-free guidance samples with
+    cond_mix: float = 0.0  # denoising: each caption's text condition moves towards another caption's of the
+    # micro-batch by a fraction drawn from [0, cond_mix); blanked captions are left as they are
+    cond_noise: float = 0.0  # denoising: then Gaussian noise of this std is added to each of its elements (in the
+    # condition's own units: the embedded model's MiniLM condition has norm 19.6). Both mimic the output
+    # projections' errors, about half of which lie along the directions in which captions differ, so that a decoder
+    # learns to draw what dominates a condition that is a little off
     posterior_cache: int = 0  # denoising: keep the frozen VAEs' posteriors of up to this many clips in memory (per
     # decoder and process) and only sample from them when a clip comes again, instead of running the VAE encoder
     # each time (same loss; 0: no cache). A clip's media must be the same each time it comes (no random
@@ -141,6 +147,11 @@ class FoundationConfig(Config):
             raise ValueError(f"foundation.posterior_cache must be >= 0 clips, got {self.posterior_cache}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"foundation.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0 <= self.cond_mix < 0.5:
+            raise ValueError(f"foundation.cond_mix must be in [0, 0.5) (the caption must stay the nearer one), "
+                             f"got {self.cond_mix}")
+        if self.cond_noise < 0:
+            raise ValueError(f"foundation.cond_noise must be >= 0, got {self.cond_noise}")
         if self.contrastive > 0 and not self.pairs:
             raise ValueError("foundation.contrastive > 0 needs at least one pair")
 

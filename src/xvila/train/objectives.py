@@ -163,10 +163,27 @@ class FoundationObjective(nn.Module):
         for m, decoder in self.decoders.items():
             if decoder.text_key not in conds:
                 with torch.no_grad():  # (B, Q, D_cond) from the frozen text encoder
-                    conds[decoder.text_key] = decoder.encode_text(captions)
+                    conds[decoder.text_key] = self._perturb(decoder.encode_text(captions), captions)
             losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], conds[decoder.text_key],
                                                             posterior=self._posterior(m, decoder, batch))
         losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
+
+    def _perturb(self, cond: Tensor, captions: list[str]) -> Tensor:
+        """``cond_mix`` and ``cond_noise`` on the captioned rows (training only; draws follow the seeded step)."""
+        mix, noise = self.config.cond_mix, self.config.cond_noise
+        kept = torch.tensor([c != "" for c in captions])
+        if not self.training or (mix == 0 and noise == 0) or not kept.any():
+            return cond
+        out = cond.clone()
+        rows = kept.nonzero()[:, 0]  # (K,)
+        if mix > 0 and len(rows) > 1:
+            shift = torch.randint(1, len(rows), (len(rows),))
+            other = rows[(torch.arange(len(rows)) + shift) % len(rows)]  # another captioned row for each
+            frac = (torch.rand(len(rows)) * mix).to(cond).view(-1, *[1] * (cond.ndim - 1))
+            out[rows] = cond[rows] + frac * (cond[other] - cond[rows])
+        if noise > 0:
+            out[rows] = out[rows] + noise * torch.randn(out[rows].shape).to(cond)
+        return out
 
     def _words(self, batch: ClipBatch, losses: dict[str, Tensor], encode) -> None:
         """Each caption word's negative log-likelihood under the likeliest of the clip's media tokens (their word
