@@ -323,8 +323,8 @@ def mel_to_magnitude(mel_magnitude: torch.Tensor, mel_lobes: torch.Tensor, lobes
 
     A is non-negative: the amplitudes of sinusoids at every half STFT bin, fitted by multiplicative least-squares
     updates (Lee & Seung). Fitting the STFT bins themselves instead is ambiguous: a tone between two mel bands'
-    centres has the mel of two tones on the centres, and the fit often chose the two, so a glide came back as
-    steps of about 1.5 semitones. On the true log-mels of 64 test scenes the toy-world probes read the sounds
+    centres has nearly the mel of two tones near the centres, and the fit often chose those (up to 1.3 bins off),
+    so a glide came back as steps of about 1.5 semitones. On the true log-mels of 64 test scenes the toy-world probes read the sounds
     rebuilt that way at 0.95 (size 0.89; two glides rejected as not world sounds), rebuilt this way at 1.00; the
     tiny decoder sampled from the true captions, 0.91 -> 1.00 (``benchmarks/decoder_ceiling.py``).
     """
