@@ -98,6 +98,10 @@ def test_phase_validation():
         DataSpec(tasks={"clips": 1, "image->text": 1})
     with pytest.raises(ValueError, match="world:N"):
         DataSpec(source="world:x")
+    with pytest.raises(ValueError, match="partial_captions must be in"):
+        DataSpec(tasks={"clips": 1}, partial_captions=1.5)
+    with pytest.raises(ValueError, match="task 'clips' only"):
+        DataSpec(partial_captions=0.5)
     with pytest.raises(ValueError, match="unique"):
         RecipeConfig(phases=[PhaseConfig(name="a", trainable=spec)] * 2)
     with pytest.raises(ValueError, match="in a phase before the denoisers"):
@@ -110,6 +114,32 @@ def test_phase_validation():
         TrainabilitySpec({"vae": "full"})
     with pytest.raises(ValueError, match="cannot use LoRA"):
         TrainabilitySpec({"vaes": "lora"})
+
+
+def test_partial_captions_replace_a_share_of_clip_captions_with_true_partial_ones():
+    from xvila.config import XVilaConfig
+    from xvila.data.world import world_scene
+    from xvila.model import XVilaModel
+    from xvila.train.data import SampleStream, open_source
+    from xvila.world import ATTRIBUTES, probe_text
+
+    model, source = XVilaModel(XVilaConfig.tiny()), open_source("world:16")
+    full = SampleStream(DataSpec(source="world:16", tasks={"clips": 1}), source, model, seed=3)
+    spec = DataSpec(source="world:16", tasks={"clips": 1}, partial_captions=0.5)
+    stream = SampleStream(spec, source, model, seed=3)
+    partial = 0
+    for i in range(64):
+        caption, media, key = stream.sample(i)
+        whole, media_whole, key_whole = full.sample(i)
+        assert key == key_whole and all(torch.equal(media[m], media_whole[m]) for m in media)
+        scene = world_scene(source.clip(stream.clip_index(i)))[0]
+        read = probe_text(caption)
+        named = [a for a in ATTRIBUTES if read[a] is not None]
+        assert all(read[a] == getattr(scene, a) for a in named), caption
+        partial += len(named) < len(ATTRIBUTES)
+        assert caption == stream.sample(i)[0]  # a pure function of (seed, index)
+    assert 20 <= partial <= 44  # about half of 64
+    assert all(full.sample(i)[0] == source.clip(full.clip_index(i)).caption for i in range(16))
 
 
 def test_schedules():

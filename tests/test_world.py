@@ -19,6 +19,8 @@ from xvila.world import (
     WorldConfig,
     caption,
     caption_vocabulary,
+    partial_caption,
+    probe_text,
     render_image,
     render_sample,
     render_video,
@@ -212,6 +214,25 @@ def test_captions_vary_and_never_mention_hidden_details(scenes):
     assert not [t for t in texts if hidden.search(t.lower())]
     vocab = set(caption_vocabulary())
     assert {w for t in texts for w in re.findall(r"[a-z]+", t.lower())} <= vocab
+
+
+def test_partial_captions_name_exactly_the_chosen_attributes(scenes):
+    rng = np.random.default_rng(0)
+    vocab = set(caption_vocabulary())
+    subsets = set()
+    for scene in scenes[:100]:
+        text = partial_caption(scene, rng)
+        read = probe_text(text)
+        named = tuple(a for a in ATTRIBUTES if read[a] is not None)
+        subsets.add(named)
+        assert 0 < len(named) < len(ATTRIBUTES), text
+        assert all(read[a] == getattr(scene, a) for a in named), (text, scene)
+        assert set(re.findall(r"[a-z]+", text.lower())) <= vocab, text
+    assert len(subsets) >= 12  # of the 14 non-empty proper subsets
+    whole = partial_caption(scenes[0], rng, ATTRIBUTES)
+    assert all(probe_text(whole)[a] == getattr(scenes[0], a) for a in ATTRIBUTES)
+    with pytest.raises(ValueError, match="non-empty subset"):
+        partial_caption(scenes[0], rng, ("position",))
 
 
 def test_render_100_scenes_all_views():

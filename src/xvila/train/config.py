@@ -48,6 +48,9 @@ class DataSpec(Config):
     follow_ups: int = 0  # at most this many extra turns after an X-to-X conversation's first (phase 3)
     max_context: int = 3  # "interleaved" shows at most this many earlier clips of the group
     eval_source: str | None = None  # held-out data for eval; None: the same world's "val" split (world sources)
+    partial_captions: float = 0.0  # task "clips" on toy-world clips: the share of clips whose caption names only a
+    # random non-empty subset of the scene's attributes (xvila.world.partial_caption; the media unchanged), so that
+    # the decoders also learn what each attribute's words mean alone
     cache_features: bool = False  # cache frozen-encoder features and caption embeddings (xvila.data.cache)
     cache_dir: str | None = None  # where the cache lives; None: <output_dir>/feature-cache
 
@@ -63,6 +66,10 @@ class DataSpec(Config):
                 raise ValueError(f"data task {task!r} has a negative weight {weight}")
         if sum(self.tasks.values()) <= 0:
             raise ValueError("data.tasks: at least one task needs a positive weight")
+        if not 0 <= self.partial_captions <= 1:
+            raise ValueError(f"data.partial_captions must be in [0, 1], got {self.partial_captions}")
+        if self.partial_captions > 0 and CLIPS_TASK not in self.tasks:
+            raise ValueError("data.partial_captions applies to task 'clips' only")
         if CLIPS_TASK in self.tasks and len(self.tasks) > 1:
             raise ValueError("data task 'clips' (foundation training) cannot be mixed with conversation tasks")
         if self.follow_ups < 0 or self.max_context < 1:

@@ -175,6 +175,22 @@ class SampleStream:
         n = len(self.source)
         return int(_permutation(self.seed, i // n, n)[i % n])
 
+    def _caption(self, clip: AlignedClip, i: int) -> str:
+        """The clip's caption, or with probability ``spec.partial_captions`` a partial one (toy-world clips)."""
+        if self.spec.partial_captions == 0:
+            return clip.caption
+        from xvila.data.world import world_scene
+        from xvila.world import partial_caption
+
+        rng = np.random.default_rng([self.seed, i, 2])
+        if rng.random() >= self.spec.partial_captions:
+            return clip.caption
+        scene = world_scene(clip)
+        if scene is None:
+            raise ValueError(f"data.partial_captions needs toy-world clips; clip {clip.key} of {self.spec.source} "
+                             "is not one")
+        return partial_caption(scene[0], rng)
+
     def sample(self, i: int):
         """A conversation (list of messages), or (caption, media, key) of one aligned clip for task "clips"."""
         from xvila.data.tasks import TASKS, choose_task, clip_tensor, fit_media
@@ -183,7 +199,7 @@ class SampleStream:
             clip = self.source.clip(self.clip_index(i))
             shapes = self.task_spec.input_shapes
             media = {m: fit_media(m, clip_tensor(clip, m), shapes.get(m)) for m in MEDIA}
-            return clip.caption, media, clip.key
+            return self._caption(clip, i), media, clip.key
         rng = np.random.default_rng([self.seed, i])
         n = len(self.source)
         for k in range(n):  # the first clip (from i on) that some task of the mixture applies to

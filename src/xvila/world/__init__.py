@@ -6,7 +6,7 @@ Shape legend: T frames, H, W pixels, S audio samples. image (3, H, W) and video 
 audio (S,) float32 in [-1, 1] at 16 kHz.
 """
 
-from xvila.world.captions import caption, caption_vocabulary
+from xvila.world.captions import caption, caption_vocabulary, partial_caption
 from xvila.world.degrade import degrade_audio, degrade_image, degrade_video
 from xvila.world.geometry import SHAPES
 from xvila.world.probes import (
@@ -67,6 +67,7 @@ __all__ = [
     "caption",
     "caption_accuracy",
     "caption_vocabulary",
+    "partial_caption",
     "degrade_audio",
     "degrade_image",
     "degrade_video",

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from xvila.world.scene import Scene
+from xvila.world.scene import ATTRIBUTES, Scene
 
 # attribute value -> words a caption may use for it
 SHAPE_WORDS: dict[str, tuple[str, ...]] = {
@@ -141,11 +141,41 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return _AN.sub(r"\1n ", text)
 
 
+GENERIC_NOUNS: tuple[str, ...] = ("shape", "thing", "object")  # the noun of a partial caption that omits the shape
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator, named: tuple[str, ...] | None = None) -> str:
+    """A caption naming only the attributes in ``named`` (default: a random non-empty proper subset of
+    ``ATTRIBUTES``), e.g. "a red shape", "A cross that drifts left.": what a caption of any scene that shares
+    those attributes could say. With every attribute named it is a full caption of a short form."""
+    if named is None:
+        k = int(rng.integers(1, len(ATTRIBUTES)))
+        named = tuple(ATTRIBUTES[i] for i in sorted(rng.choice(len(ATTRIBUTES), size=k, replace=False)))
+    unknown = set(named) - set(ATTRIBUTES)
+    if not named or unknown:
+        raise ValueError(f"partial_caption: name a non-empty subset of {ATTRIBUTES}, got {named}")
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[rng.integers(len(options))]
+
+    words = []
+    if "size" in named:
+        words.append(pick(SIZE_WORDS[scene.size]))
+    if "colour" in named:
+        words.append(pick(COLOUR_WORDS[scene.colour]))
+    words.append(pick(SHAPE_WORDS[scene.shape]) if "shape" in named else pick(GENERIC_NOUNS))
+    text = "a " + " ".join(words)
+    if "motion" in named:
+        participles, finites = MOTION_PHRASES[scene.motion]
+        text = f"A {text[2:]} that {pick(finites)}." if rng.integers(2) else f"{text} {pick(participles)}"
+    return _AN.sub(r"\1n ", text)
+
+
 def caption_vocabulary() -> list[str]:
     """Every word a caption can contain, sorted (e.g. to extend a tokenizer's training corpus)."""
     parts = list(TEMPLATES)
     for table in (SHAPE_WORDS, COLOUR_WORDS, SIZE_WORDS):
         parts += [w for words in table.values() for w in words]
-    parts += [p for pair in MOTION_PHRASES.values() for group in pair for p in group]
+    parts += [p for pair in MOTION_PHRASES.values() for group in pair for p in group] + list(GENERIC_NOUNS)
     words = set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", " ".join(parts)).lower()))
     return sorted(words | {"an"})
