@@ -50,7 +50,8 @@ class DataSpec(Config):
     eval_source: str | None = None  # held-out data for eval; None: the same world's "val" split (world sources)
     partial_captions: float = 0.0  # task "clips" on toy-world clips: the share of clips whose caption names only a
     # random non-empty subset of the scene's attributes (xvila.world.partial_caption; the media unchanged), so that
-    # the decoders also learn what each attribute's words mean alone
+    # each attribute's words are also learned alone (tried on the audio UNet and the encoders, no gain on held-out
+    # pairs: docs/training.md, "Where the held-out pairs are lost")
     cache_features: bool = False  # cache frozen-encoder features and caption embeddings (xvila.data.cache)
     cache_dir: str | None = None  # where the cache lives; None: <output_dir>/feature-cache
 
