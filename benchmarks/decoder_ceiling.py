@@ -25,8 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from xvila.cli import DEFAULT_MODEL, MODEL_HELP, load_model  # noqa: E402
-from xvila.data.world import sample_clip  # noqa: E402
-from xvila.world import WorldConfig, split_sample  # noqa: E402
+from xvila.evaluation import world_clips  # noqa: E402
+from xvila.world import WorldConfig  # noqa: E402
 from xvila.world.probes import MEDIA_PROBES, caption_accuracy  # noqa: E402
 
 CHUNK = 16
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, 0).eval()
-    world = WorldConfig()
-    clips = [sample_clip(split_sample(args.split, i, world), args.split, i, world)
-             for i in range(args.offset, args.offset + args.n)]
+    clips = world_clips(args.split, args.n, WorldConfig(), start=args.offset)
     results = {}
     for m in args.modalities:
         if m not in model.config.output_modalities:

@@ -62,8 +62,9 @@ def carried_attributes(task: str) -> tuple[str, ...]:
     return tuple(a for a in MODALITY_ATTRIBUTES[target] if a in carried)
 
 
-def world_clips(split: str, n: int, world: WorldConfig) -> list[AlignedClip]:
-    return [sample_clip(split_sample(split, i, world), split, i, world) for i in range(n)]
+def world_clips(split: str, n: int, world: WorldConfig, start: int = 0) -> list[AlignedClip]:
+    """Scenes ``start`` .. ``start + n - 1`` of ``split`` as aligned clips."""
+    return [sample_clip(split_sample(split, i, world), split, i, world) for i in range(start, start + n)]
 
 
 def prompt_of(task: str, clip: AlignedClip, spec: TaskSpec, seed: int) -> tuple[list[Message], Message]:
