@@ -159,9 +159,13 @@ def test_xvila_train_command_reports_user_errors_in_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert main(["train", str(RECIPES[0]), "phases.0.steps=0"]) == 2
     assert main(["train"]) == 2  # neither a recipe nor --resume
+    assert main(["train", str(RECIPES[0]), "--phase", "alignment", "phases.0.steps=0"]) == 2  # after the options
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("xvila: error:") for line in err)
+    assert len(err) == 4 and all(line.startswith("xvila: error:") for line in err)
     assert "not found" in err[0] and "steps must be >= 1" in err[1] and "--resume" in err[2]
+    assert "steps must be >= 1" in err[3]
+    with pytest.raises(SystemExit):
+        main(["train", str(RECIPES[0]), "--phase", "alignment", "--bogus"])
 
 
 def test_precision_auto_is_bf16_only_where_the_device_computes_it(monkeypatch):
