@@ -120,12 +120,14 @@ EXTRA_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
 _AN = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
+def _picker(rng: np.random.Generator):
+    """``pick(options)``: one of ``options``, drawn from ``rng`` (one integer draw per call)."""
+    return lambda options: options[rng.integers(len(options))]
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption of ``scene``'s shape, colour, size and motion (never its position or other hidden details)."""
-
-    def pick(options: tuple[str, ...]) -> str:
-        return options[rng.integers(len(options))]
-
+    pick = _picker(rng)
     template = pick(TEMPLATES)
     size, colour = pick(SIZE_WORDS[scene.size]), pick(COLOUR_WORDS[scene.colour])
     participles, finites = MOTION_PHRASES[scene.motion]
@@ -154,10 +156,7 @@ def partial_caption(scene: Scene, rng: np.random.Generator, named: tuple[str, ..
     unknown = set(named) - set(ATTRIBUTES)
     if not named or unknown:
         raise ValueError(f"partial_caption: name a non-empty subset of {ATTRIBUTES}, got {named}")
-
-    def pick(options: tuple[str, ...]) -> str:
-        return options[rng.integers(len(options))]
-
+    pick = _picker(rng)
     words = []
     if "size" in named:
         words.append(pick(SIZE_WORDS[scene.size]))
