@@ -8,7 +8,8 @@ import torch
 from xvila.cli import main
 from xvila.config import XVilaConfig
 from xvila.data.tasks import TaskSpec
-from xvila.evaluation import (GENERATION_TASKS, EvalConfig, carried_attributes, judge, prompt_of, world_clips)
+from xvila.evaluation import (GENERATION_TASKS, EvalConfig, carried_attributes, judge, prompt_of, summarize,
+                               world_clips)
 from xvila.model import XVilaModel
 from xvila.world import WorldConfig
 
@@ -46,11 +47,36 @@ def test_cli_eval_json_has_every_section(capsys):
     assert set(results["generation"]) == set(GENERATION_TASKS)
     for r in results["generation"].values():
         assert 0 <= r["accuracy"] <= 1 and -1 <= r["alignment"] <= 1 and r["n"] == 1
+        assert r["accuracy_se"] == r["alignment_se"] == 0.0  # one scene: no spread to measure
     assert set(results["understanding"]) == {"image->text", "video->text", "audio->text"}
     assert set(results["highway"]) == {"image->video", "video->image"}
-    assert {"iou_with", "iou_without"} <= set(results["highway"]["image->video"])
-    assert 0 <= results["compositional"]["accuracy"] <= 1
+    assert {"iou_with", "iou_with_se", "iou_without", "iou_without_se"} <= set(results["highway"]["image->video"])
+    assert 0 <= results["compositional"]["accuracy"] <= 1 and "accuracy_se" in results["compositional"]
+    assert results["compositional"]["n"] == len(GENERATION_TASKS)
     assert 0 <= results["chat"]["accuracy"] <= 1 and results["chat"]["n"] == len(results["chat"]["answers"]) == 10
+
+
+def test_baseline_is_scored_on_the_same_scenes_and_compared_scene_by_scene(capsys):
+    # the same random model twice (same seed): every paired difference must be exactly zero
+    args = ["eval", "--model", "tiny-random", "--baseline", "tiny-random", "--n", "2", "--steps", "1"]
+    assert main(args + ["--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results["baseline"]) == set(results["versus_baseline"]) == set(GENERATION_TASKS)
+    for task, r in results["baseline"].items():
+        assert (r["accuracy"], r["alignment"]) == (results["generation"][task]["accuracy"],
+                                                   results["generation"][task]["alignment"])
+        gain = results["versus_baseline"][task]
+        assert gain["accuracy"] == gain["alignment"] == gain["alignment_se"] == 0.0 and gain["n"] == 2
+    assert main(args) == 0
+    assert "vs baseline   image->video         accuracy +0.000 ± 0.000  alignment +0.000 ± 0.000  n=2" in (
+        capsys.readouterr().out)
+
+
+def test_summarize_gives_each_mean_its_standard_error_over_scenes():
+    r = summarize([(1.0, 0.5), (0.0, 0.5), (1.0, 0.5), (1.0, 0.5)], ("accuracy", "alignment"))
+    # accuracy: mean 0.75, sample std 0.5, over sqrt(4) scenes; alignment: no spread
+    assert r == {"accuracy": 0.75, "accuracy_se": 0.25, "alignment": 0.5, "alignment_se": 0.0, "n": 4}
+    assert summarize([0.3], ("iou",)) == {"iou": 0.3, "iou_se": 0.0, "n": 1}
 
 
 def test_eval_config_rejects_zero():

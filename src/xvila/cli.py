@@ -29,7 +29,9 @@ def load_model(spec: str, seed: int = 0):
 
     if spec == TINY_RANDOM:
         torch.manual_seed(seed)
-        return XVilaModel(XVilaConfig.tiny()).eval()
+        model = XVilaModel(XVilaConfig.tiny())
+        model.load_decoders()  # now, so that the seed alone fixes their random weights (not what ran before)
+        return model.eval()
     if spec == DEFAULT_MODEL:
         from xvila.embedded import load_embedded
 
@@ -171,16 +173,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    def pm(r: dict, key: str) -> str:  # mean ± standard error over the scenes
+        return f"{r[key]:.3f} ± {r[key + '_se']:.3f}"
+
     for section in ("generation", "baseline"):
         for task, r in results.get(section, {}).items():
-            print(f"{section:<13} {task:<20} accuracy {r['accuracy']:.3f}  alignment {r['alignment']:.3f}  n={r['n']}")
+            print(f"{section:<13} {task:<20} accuracy {pm(r, 'accuracy')}  alignment {pm(r, 'alignment')}  "
+                  f"n={r['n']}")
+    for task, r in results.get("versus_baseline", {}).items():  # the differences, scene by scene
+        print(f"{'vs baseline':<13} {task:<20} accuracy {r['accuracy']:+.3f} ± {r['accuracy_se']:.3f}  "
+              f"alignment {r['alignment']:+.3f} ± {r['alignment_se']:.3f}  n={r['n']}")
     for task, r in results["understanding"].items():
-        print(f"{'understanding':<13} {task:<20} accuracy {r['accuracy']:.3f}  n={r['n']}")
+        print(f"{'understanding':<13} {task:<20} accuracy {pm(r, 'accuracy')}  n={r['n']}")
     for task, r in results["highway"].items():
-        print(f"{'highway':<13} {task:<20} iou with {r['iou_with']:.3f}  without {r['iou_without']:.3f}  n={r['n']}")
+        print(f"{'highway':<13} {task:<20} iou with {pm(r, 'iou_with')}  without {pm(r, 'iou_without')}  "
+              f"n={r['n']}")
     c = results["compositional"]
-    print(f"{'compositional':<13} {'held-out pairs':<20} accuracy {c['accuracy']:.3f}  n={c['n']}")
-    print(f"{'chat':<13} {'ordinary questions':<20} accuracy {results['chat']['accuracy']:.3f}  "
+    if c["tasks"]:
+        print(f"{'compositional':<13} {'held-out pairs':<20} accuracy {pm(c, 'accuracy')}  n={c['n']}")
+    print(f"{'chat':<13} {'ordinary questions':<20} accuracy {pm(results['chat'], 'accuracy')}  "
           f"n={results['chat']['n']}")
     return 0
 
