@@ -173,16 +173,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    def pm(r: dict, key: str) -> str:  # mean ± standard error over the scenes
-        return f"{r[key]:.3f} ± {r[key + '_se']:.3f}"
+
+    def pm(r: dict, key: str, sign: str = "") -> str:  # mean ± standard error over the scenes
+        return f"{r[key]:{sign}.3f} ± {r[key + '_se']:.3f}"
 
     for section in ("generation", "baseline"):
         for task, r in results.get(section, {}).items():
             print(f"{section:<13} {task:<20} accuracy {pm(r, 'accuracy')}  alignment {pm(r, 'alignment')}  "
                   f"n={r['n']}")
     for task, r in results.get("versus_baseline", {}).items():  # the differences, scene by scene
-        print(f"{'vs baseline':<13} {task:<20} accuracy {r['accuracy']:+.3f} ± {r['accuracy_se']:.3f}  "
-              f"alignment {r['alignment']:+.3f} ± {r['alignment_se']:.3f}  n={r['n']}")
+        print(f"{'vs baseline':<13} {task:<20} accuracy {pm(r, 'accuracy', '+')}  "
+              f"alignment {pm(r, 'alignment', '+')}  n={r['n']}")
     for task, r in results["understanding"].items():
         print(f"{'understanding':<13} {task:<20} accuracy {pm(r, 'accuracy')}  n={r['n']}")
     for task, r in results["highway"].items():

@@ -113,6 +113,11 @@ def summarize(scores, names: tuple[str, ...]) -> dict[str, float]:
     return {**out, "n": len(scores)}
 
 
+def summarize_generation(scores: dict[str, list]) -> dict[str, dict[str, float]]:
+    """:meth:`Evaluator.generation_scores` -> per task, accuracy and alignment with their standard errors."""
+    return {task: summarize(s, ("accuracy", "alignment")) for task, s in scores.items()}
+
+
 def _first_frame(x: torch.Tensor) -> torch.Tensor:
     return x[0] if x.ndim == 4 else x  # video (T, 3, H, W) -> (3, H, W)
 
@@ -124,14 +129,12 @@ class Evaluator:
         self.world = world or WorldConfig()
         self.spec = TaskSpec.from_model(model)
         self.progress = progress
-        self.test_scores: dict[str, list] = {}  # run()'s per-scene generation scores, for a paired comparison
 
     def _bar(self, items, desc: str):
         return tqdm(items, desc=desc, disable=not self.progress, leave=False)
 
     def generation(self, clips: list[AlignedClip], tasks=GENERATION_TASKS) -> dict[str, dict[str, float]]:
-        return {task: summarize(scores, ("accuracy", "alignment"))
-                for task, scores in self.generation_scores(clips, tasks).items()}
+        return summarize_generation(self.generation_scores(clips, tasks))
 
     def generation_scores(self, clips: list[AlignedClip], tasks=GENERATION_TASKS) -> dict[str, list]:
         """{task: [(probe accuracy, alignment) of each clip's generated item]}, skipping unsupported tasks."""
@@ -190,11 +193,12 @@ class Evaluator:
         return {**summarize([float(a["sensible"]) for a in answers], ("accuracy",)),
                 "answers": {a["question"]: a["answer"] for a in answers}}
 
-    def run(self) -> dict:
+    def run(self, baseline: Evaluator | None = None) -> dict:
+        """Every section; with ``baseline``, that evaluator's model scored on the same test scenes' generation
+        (``baseline``) and this model's gain over it, scene by scene (``versus_baseline``)."""
         test = world_clips("test", self.config.n, self.world)
         compositional = world_clips("compositional", self.config.compositional_n or self.config.n, self.world)
-        self.test_scores = self.generation_scores(test)
-        generation = {task: summarize(scores, ("accuracy", "alignment")) for task, scores in self.test_scores.items()}
+        test_scores = self.generation_scores(test)
         held_out = self.generation_scores(compositional)
         compositional_accuracy = {"accuracy": None, "accuracy_se": None}  # no task the model can do
         if held_out:
@@ -202,17 +206,24 @@ class Evaluator:
             # mean, and its standard error is taken over those scene means
             scene_means = np.mean([np.asarray(s)[:, 0] for s in held_out.values()], axis=0)
             compositional_accuracy = summarize(scene_means, ("accuracy",))
-        return {
-            "generation": generation,
+        results = {
+            "generation": summarize_generation(test_scores),
             "understanding": self.understanding(test),
             "highway": self.highway(test) if self.model.config.highway is not None else {},
             "compositional": {
                 **compositional_accuracy,
                 "n": sum(len(s) for s in held_out.values()),
-                "tasks": {task: summarize(s, ("accuracy", "alignment")) for task, s in held_out.items()},
+                "tasks": summarize_generation(held_out),
             },
             "chat": self.chat(),
         }
+        if baseline is not None:
+            base_scores = baseline.generation_scores(test)
+            results["baseline"] = summarize_generation(base_scores)
+            results["versus_baseline"] = {
+                task: summarize(np.asarray(test_scores[task]) - np.asarray(s), ("accuracy", "alignment"))
+                for task, s in base_scores.items() if task in test_scores}
+        return results
 
 
 def _unsupported(task: str, spec: TaskSpec) -> str | None:
@@ -227,13 +238,5 @@ def evaluate(model, config: EvalConfig | None = None, baseline=None, world: Worl
     on the same scenes, and the model's gain over it scene by scene (``versus_baseline``: the mean difference of
     accuracy and of alignment, with its paired standard error)."""
     config = config or EvalConfig()
-    evaluator = Evaluator(model, config, world, progress)
-    results = evaluator.run()
-    if baseline is not None:
-        scores = Evaluator(baseline, config, world, progress).generation_scores(
-            world_clips("test", config.n, evaluator.world))
-        results["baseline"] = {task: summarize(s, ("accuracy", "alignment")) for task, s in scores.items()}
-        results["versus_baseline"] = {
-            task: summarize(np.asarray(evaluator.test_scores[task]) - np.asarray(s), ("accuracy", "alignment"))
-            for task, s in scores.items() if task in evaluator.test_scores}
-    return results
+    other = Evaluator(baseline, config, world, progress) if baseline is not None else None
+    return Evaluator(model, config, world, progress).run(other)
