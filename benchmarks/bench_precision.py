@@ -24,14 +24,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from xvila.cli import DEFAULT_MODEL, MODEL_HELP, load_model  # noqa: E402
-from xvila.train.distributed import native_bf16  # noqa: E402
+from xvila.train.distributed import autocast, native_bf16  # noqa: E402
+
+
+CPU = torch.device("cpu")
 
 
 def seconds_per_step(loss_fn, module: torch.nn.Module, bf16: bool, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast("bf16" if bf16 else "no", CPU):  # what the training loop wraps a step in
             loss = loss_fn()
         loss.backward()
         times.append(time.perf_counter() - t0)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = load_model(args.model, 0).float()
     model.load_decoders()
-    results = {"threads": torch.get_num_threads(), "native_bf16": native_bf16(torch.device("cpu")), "parts": {}}
+    results = {"threads": torch.get_num_threads(), "native_bf16": native_bf16(CPU), "parts": {}}
     for m in model.config.output_modalities:
         decoder = model.decoder(m)
         decoder.train().requires_grad_(True)
