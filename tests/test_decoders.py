@@ -188,6 +188,33 @@ def test_loss_is_seeded(decoders):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights(decoders, prediction_type):
+    d = decoders["image"]
+    t = torch.tensor([0, 10, 100, 500, 999])
+    alphas = d.noise_scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    weights = d._min_snr_weights(t, prediction_type, 5.0)
+    # each prediction type's error is the x0 error times 1 (sample), 1 / SNR (epsilon), 1 / (SNR + 1) (v): the
+    # weights turn each into min(SNR, 5) times the x0 error
+    per_x0 = {"sample": torch.ones_like(snr), "epsilon": snr, "v_prediction": snr + 1}[prediction_type]
+    torch.testing.assert_close(weights.double() * per_x0.double(), snr.double().clamp(max=5.0), rtol=1e-5, atol=1e-8)
+    assert snr[0] > 5 > snr[-1]  # the clip is active at the clean end and not at the noisy one
+
+
+def test_min_snr_loss_reweights_the_same_draws(decoders):
+    d = decoders["image"]
+    cond = d.encode_text(["a", "b", "c", "d"])
+    media = media_for(d, 4)
+    plain = d.denoising_loss(media, cond, generator=gen(3))
+    huge = d.denoising_loss(media, cond, generator=gen(3), min_snr_gamma=1e9)
+    small = d.denoising_loss(media, cond, generator=gen(3), min_snr_gamma=0.01)
+    assert d.config.scheduler.prediction_type == "v_prediction"  # weights below 1, larger with gamma
+    assert 0 < small < huge < plain
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        d.denoising_loss(media, cond, min_snr_gamma=0.0)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_sample_shapes_and_ranges(decoders, name, guidance):

@@ -495,6 +495,7 @@ class Decoder(nn.Module):
         generator: torch.Generator | None = None,
         posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
         timestep_power: float = 1.0,
+        min_snr_gamma: float | None = None,
     ) -> torch.Tensor:
         """MSE of the UNet's prediction (epsilon / v / sample, per the scheduler) on noised latents of ``media``.
 
@@ -502,10 +503,15 @@ class Decoder(nn.Module):
         requires grad) and the highway through ``residuals``; never the frozen parts. ``posterior``: the media's
         :meth:`vae_posterior` if already known (the VAE then does not run; the loss is the same).
         ``timestep_power`` p: timesteps t = T * u^(1/p) with u uniform, so p = 1 draws them uniformly and p > 1
-        favours the noisiest ones, where a sample's layout is decided.
+        favours the noisiest ones, where a sample's layout is decided. ``min_snr_gamma`` g: each sample's squared
+        error is weighted by min(SNR(t), g) over what the prediction type's error already weighs (Min-SNR-g, Hang
+        et al. 2023: for v-prediction min(SNR, g) / (SNR + 1)), so the nearly clean timesteps, whose easy targets
+        pull the shared weights apart from the noisy ones', count less; None: the plain MSE.
         """
         if timestep_power <= 0:
             raise ValueError(f"timestep_power must be > 0, got {timestep_power}")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or None, got {min_snr_gamma}")
         self._check_media(media)
         self._check_cond(cond_embeds, media.shape[0], "cond_embeds")
         with torch.no_grad():
@@ -529,7 +535,22 @@ class Decoder(nn.Module):
         else:
             target = latents
         pred = self._denoise(noisy, timesteps, cond_embeds, residuals)
-        return F.mse_loss(pred.float(), target.float())
+        if min_snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        return (per_sample * self._min_snr_weights(timesteps, prediction_type, min_snr_gamma)).mean()
+
+    def _min_snr_weights(self, timesteps: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma weights (B,) of the timesteps' squared errors: min(SNR, gamma) times the x0 error."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+        snr = alphas / (1.0 - alphas).clamp(min=1e-12)
+        if prediction_type == "epsilon":  # epsilon error = SNR x x0 error
+            weights = (gamma / snr).clamp(max=1.0)
+        elif prediction_type == "v_prediction":  # v error = (SNR + 1) x x0 error
+            weights = snr.clamp(max=gamma) / (snr + 1.0)
+        else:
+            weights = snr.clamp(max=gamma)
+        return weights.float()
 
     @torch.no_grad()
     def sample(

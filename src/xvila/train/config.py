@@ -132,6 +132,9 @@ class FoundationConfig(Config):
     # condition's own units: the embedded model's MiniLM condition has norm 19.6). Both mimic the output
     # projections' errors, about half of which lie along the directions in which captions differ, so that a decoder
     # learns to draw what dominates a condition that is a little off
+    timestep_power: float = 1.0  # denoising: timesteps t = T * u^(1/p), u uniform (Decoder.denoising_loss); p > 1
+    # favours the noisiest ones, where a sample's layout is decided
+    min_snr_gamma: float | None = None  # denoising: Min-SNR-gamma loss weights (Decoder.denoising_loss); None: off
     posterior_cache: int = 0  # denoising: keep the frozen VAEs' posteriors of up to this many clips in memory (per
     # decoder and process) and only sample from them when a clip comes again, instead of running the VAE encoder
     # each time (same loss; 0: no cache). A clip's media must be the same each time it comes (no random
@@ -151,6 +154,10 @@ class FoundationConfig(Config):
         for a, b in self.pairs:
             if a not in known or b not in known or a == b:
                 raise ValueError(f"foundation pair ({a}, {b}): use two different modalities of {list(known)}")
+        if self.timestep_power <= 0:
+            raise ValueError(f"foundation.timestep_power must be > 0, got {self.timestep_power}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"foundation.min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
         if self.posterior_cache < 0:
             raise ValueError(f"foundation.posterior_cache must be >= 0 clips, got {self.posterior_cache}")
         if not 0 <= self.cond_dropout < 1:

@@ -25,6 +25,8 @@ from xvila.losses import LossWeights, align_loss
 from xvila.train.config import FoundationConfig, PhaseConfig
 from xvila.train.data import MEDIA, ClipBatch, GenStateBatch
 
+CAPTION_MEMO_BYTES = 256 * 2**20  # the foundation objective keeps caption embeddings up to this size (per phase)
+
 
 @dataclass
 class StepOutput:
@@ -67,6 +69,8 @@ class FoundationObjective(nn.Module):
                     raise ValueError(f"foundation.autoencode trains the decoders' VAEs, but the {m} decoder has none "
                                      "(its config.vae is None): list the decoders with a VAE in foundation.decoders")
         self._posteriors: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}  # modality -> clip key -> (mean, std)
+        self._caption_memo: dict[tuple, dict[str, Tensor]] = {}  # text encoder -> caption -> (Q, D_cond)
+        self._caption_bytes = 0
         self.pairs = [tuple(p) for p in config.pairs] if config.contrastive > 0 else []
         used = {m for pair in self.pairs for m in pair}
         missing = used - set(self.encoder.modalities)
@@ -162,11 +166,27 @@ class FoundationObjective(nn.Module):
         conds: dict[tuple, Tensor] = {}  # decoders that share a text encoder encode the captions once
         for m, decoder in self.decoders.items():
             if decoder.text_key not in conds:
-                with torch.no_grad():  # (B, Q, D_cond) from the frozen text encoder
-                    conds[decoder.text_key] = self._perturb(decoder.encode_text(captions), captions)
+                conds[decoder.text_key] = self._perturb(self._caption_embeds(decoder, captions), captions)
             losses[f"denoise/{m}"] = decoder.denoising_loss(batch.media[m], conds[decoder.text_key],
-                                                            posterior=self._posterior(m, decoder, batch))
+                                                            posterior=self._posterior(m, decoder, batch),
+                                                            timestep_power=self.config.timestep_power,
+                                                            min_snr_gamma=self.config.min_snr_gamma)
         losses["denoise"] = torch.stack([losses[f"denoise/{m}"] for m in self.decoders]).mean()
+
+    @torch.no_grad()
+    def _caption_embeds(self, decoder: nn.Module, captions: list[str]) -> Tensor:
+        """(B, Q, D_cond): the decoder's frozen text encoder's embedding of each caption. Each distinct caption is
+        encoded once per phase and kept while the kept ones take under ``CAPTION_MEMO_BYTES`` (MiniLM's are 1.5 KB
+        each; the toy world's captions come back every epoch)."""
+        memo = self._caption_memo.setdefault(decoder.text_key, {})
+        new = list(dict.fromkeys(c for c in captions if c not in memo))
+        fresh = dict(zip(new, decoder.encode_text(new))) if new else {}
+        for caption, embeds in fresh.items():
+            size = embeds.numel() * embeds.element_size()
+            if self._caption_bytes + size <= CAPTION_MEMO_BYTES:
+                memo[caption] = embeds
+                self._caption_bytes += size
+        return torch.stack([memo[c] if c in memo else fresh[c] for c in captions])
 
     def _perturb(self, cond: Tensor, captions: list[str]) -> Tensor:
         """``cond_mix`` and ``cond_noise`` on the captioned rows (training only; draws follow the seeded step)."""
