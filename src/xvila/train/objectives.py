@@ -184,7 +184,7 @@ class FoundationObjective(nn.Module):
         for caption, embeds in fresh.items():
             size = embeds.numel() * embeds.element_size()
             if self._caption_bytes + size <= CAPTION_MEMO_BYTES:
-                memo[caption] = embeds
+                memo[caption] = embeds.clone()  # its own storage, not a view that keeps the whole batch's
                 self._caption_bytes += size
         return torch.stack([memo[c] if c in memo else fresh[c] for c in captions])
 
