@@ -82,6 +82,21 @@ def test_bad_files(tmp_path):
         read_recipe(tmp_path / "bad.yaml")
 
 
+def test_an_override_changes_only_its_phase_where_phases_share_an_anchor(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("""
+x-phase: &phase
+  schedule: {kind: cosine, warmup_steps: 20}
+  optimizer: {lr: 1.0e-3}
+phases:
+  - {<<: *phase, name: a, trainable: {groups: {input_projections: full}}}
+  - {<<: *phase, name: b, trainable: {groups: {input_projections: full}}}
+""")
+    recipe = read_recipe(path, ["phases.a.schedule.warmup_steps=7", "phases.a.optimizer.lr=3e-3"])
+    assert (recipe.phases[0].schedule.warmup_steps, recipe.phases[0].optimizer.lr) == (7, 3e-3)
+    assert (recipe.phases[1].schedule.warmup_steps, recipe.phases[1].optimizer.lr) == (20, 1e-3)
+
+
 def test_overrides_do_not_touch_the_input():
     data = {"phases": [{"name": "a"}]}
     apply_overrides(data, ["phases.0.steps=2"])

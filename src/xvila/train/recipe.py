@@ -37,7 +37,17 @@ _Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return _unaliased(yaml.load(text, Loader=_Loader))  # noqa: S506 (a SafeLoader subclass)
+
+
+def _unaliased(node: Any) -> Any:
+    """``node`` with every mapping and list its own object: YAML aliases (``<<: *phase``) load as one shared object,
+    so an override of one phase's ``schedule`` would otherwise change every phase that merged it."""
+    if isinstance(node, dict):
+        return {k: _unaliased(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unaliased(v) for v in node]
+    return node
 
 
 class RecipeError(ValueError):
