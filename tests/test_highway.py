@@ -233,7 +233,7 @@ def test_highway_errors(decoders):
 
 def test_highway_config_round_trip():
     cfg = HighwayConfig(hidden_channels=32, blocks_per_level=2, strength=0.5, unpatchify=2, loss_timestep_power=2.0,
-                        end=0.4)
+                        loss_draws=2, end=0.4)
     assert HighwayConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -289,3 +289,5 @@ def test_timestep_power_favours_the_noisiest_steps(decoders, monkeypatch):
         drawn_timesteps(decoder, monkeypatch, timestep_power=0.0)
     with pytest.raises(ValueError, match="loss_timestep_power"):
         HighwayConfig(loss_timestep_power=-1.0)
+    with pytest.raises(ValueError, match="loss_draws"):
+        HighwayConfig(loss_draws=0)

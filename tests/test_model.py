@@ -362,3 +362,33 @@ def test_highway_loss_trains_at_full_strength_with_the_configured_timesteps(conf
     assert sorted(powers) == [1.0, 1.0, 1.0, 2.5, 2.5]
     for highway in model.highways.values():
         assert highway.mid_conv.weight.grad.abs().sum() > 0
+
+
+def test_highway_loss_draws_each_target_several_times(config, monkeypatch):
+    """loss_draws: n independent (noise, timestep) draws per target for one LLM pass, the target's media, condition
+    and residuals repeated alike."""
+    from xvila.decoders.base import Decoder
+
+    plain = Decoder.denoising_loss
+    for draws in (1, 3):
+        torch.manual_seed(0)
+        model = XVilaModel(config.replace(highway=config.highway.replace(loss_draws=draws)))
+        batch = batch_of(model)
+        seen = []
+
+        def recording(self, media, cond, *args, residuals=None, **kwargs):
+            if residuals is not None:
+                seen.append((media, cond, residuals))
+            return plain(self, media, cond, *args, residuals=residuals, **kwargs)
+
+        monkeypatch.setattr(Decoder, "denoising_loss", recording)
+        model(batch, LossWeights(lm=0.0, align=0.0, denoise=0.0, highway=1.0)).loss.backward()
+        assert seen
+        for media, cond, residuals in seen:
+            n = len(media) // draws
+            assert len(media) == len(cond) == len(residuals.mid) == n * draws and n > 0
+            for k in range(1, draws):
+                for x in (media, cond, residuals.mid, *residuals.down):
+                    assert torch.equal(x[k * n:(k + 1) * n], x[:n])
+        for highway in model.highways.values():
+            assert highway.mid_conv.weight.grad.abs().sum() > 0

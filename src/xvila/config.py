@@ -99,10 +99,11 @@ class XVilaConfig(Config):
             output_projection=OutputProjectionConfig(width=128, heads=4, encoder_layers=1, decoder_layers=1,
                                                      context=32),
             # each patch token of the 4x4 grid gives a 2x2 block of the 8x8 latent map; the loss favours the noisiest
-            # steps; sampling at strength 2 for the first 60% (image) / 80% (video) of the steps, so that the later
-            # steps draw what the answer says (docs/training.md, "Where the highway stops")
-            highway=HighwayConfig(hidden_channels=32, unpatchify=2, loss_timestep_power=2.0, strength=2.0,
-                                  end={"image": 0.6, "video": 0.8}),
+            # steps and draws two (noise, timestep) pairs per target for each pass of the frozen LLM; sampling at
+            # strength 2 for the first 60% (image) / 80% (video) of the steps, so that the later steps draw what the
+            # answer says (docs/training.md, "Where the highway stops", "Two draws per conversation")
+            highway=HighwayConfig(hidden_channels=32, unpatchify=2, loss_timestep_power=2.0, loss_draws=2,
+                                  strength=2.0, end={"image": 0.6, "video": 0.8}),
         )
 
     @classmethod

@@ -102,6 +102,9 @@ class HighwayConfig(Config):
     # training: the highway's denoising loss draws timesteps t = T * u^(1/p) (Decoder.denoising_loss); p > 1 favours
     # the noisiest steps, where the sample's layout (what the highway can tell) is decided; 1: uniform
     loss_timestep_power: float = 1.0
+    # training: the highway's denoising loss draws this many (noise, timestep) pairs for each target, so a step sees
+    # that many denoising samples for one pass of the frozen LLM over its conversations (most of a step's cost)
+    loss_draws: int = 1
     # sampling: the fraction of the denoising steps, noisiest first, that the residuals guide (diffusers' ControlNet
     # ``control_guidance_end``); the later steps then follow the text alone. 1: every step. A mapping sets it per
     # output modality ({"image": 0.5, "video": 0.7}); a visual modality it leaves out gets 1
@@ -118,6 +121,8 @@ class HighwayConfig(Config):
             raise ValueError(f"unpatchify must be at least 1, got {self.unpatchify}")
         if self.loss_timestep_power <= 0:
             raise ValueError(f"loss_timestep_power must be > 0, got {self.loss_timestep_power}")
+        if self.loss_draws < 1:
+            raise ValueError(f"loss_draws must be at least 1, got {self.loss_draws}")
         ends = self.end if isinstance(self.end, dict) else {"every output": self.end}
         visual = sorted(name for name, spec in MODALITIES.items() if spec.visual)
         for name, end in ends.items():
