@@ -326,8 +326,8 @@ class XVilaModel(nn.Module):
             patch = encoded[guide_modality].patch_embeds[items]  # (n, P, C)
             residuals = self.highway_residuals(m, guide_modality, patch, strength=1.0)
             n = self.config.highway.loss_draws  # each target n times, each with its own noise and timestep
-            parts.append(self.decoders[m].denoising_loss(torch.cat([targets.media[rows]] * n), torch.cat([cond[rows]] * n),
-                                                         residuals=residuals.repeat_batch(n),
+            media, conds = torch.cat([targets.media[rows]] * n), torch.cat([cond[rows]] * n)
+            parts.append(self.decoders[m].denoising_loss(media, conds, residuals=residuals.repeat_batch(n),
                                                          timestep_power=self.config.highway.loss_timestep_power))
         return torch.stack(parts).mean() if parts else None
 
