@@ -15,6 +15,7 @@ from xvila.decoders import (
     SchedulerConfig,
     VideoDecoderConfig,
     build_decoder,
+    use_minilm,
 )
 from xvila.decoders.audio import SAMPLE_RATE, mel_to_magnitude
 from xvila.highway import HighwayResiduals
@@ -472,3 +473,33 @@ def test_a_kept_posterior_gives_the_loss_of_running_the_vae(name):
 def test_vae_posterior_needs_a_vae(decoders):
     with pytest.raises(ValueError, match="no VAE"):
         decoders["image"].vae_posterior(media_for(decoders["image"]))
+
+
+@pytest.mark.parametrize("name", ["image", "video"])
+def test_pooled_conditioning_through_the_time_embedding(name):
+    """class_embed_type on an image / video UNet: the one-vector conditioning is added to the timestep embedding
+    too (as well as cross-attended), and it gets a gradient there."""
+    base = TINY[name]()
+    minilm = use_minilm(base)
+    config = minilm.replace(unet={**minilm.unet, "class_embed_type": "projection",
+                                  "projection_class_embeddings_input_dim": 384})
+    assert use_minilm(config) == config
+    d = build(config)
+    cond = d.encode_text(["a red circle", "a blue square"])
+    d.denoising_loss(media_for(d), cond, generator=gen()).backward()
+    grad = d.unet.class_embedding.linear_1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert build(minilm).unet.class_embedding is None
+    with pytest.raises(ValueError, match="one-vector"):  # its own text tower gives 16 tokens
+        base.replace(unet={**base.unet, "class_embed_type": "projection", "projection_class_embeddings_input_dim": 64})
+    with pytest.raises(ValueError, match="conditioning width"):
+        config.replace(unet={**config.unet, "projection_class_embeddings_input_dim": 64})
+    with pytest.raises(ValueError, match="class_embed_type must be"):
+        config.replace(unet={**config.unet, "class_embed_type": "timestep"})
+
+
+def test_pooled_conditioning_needs_a_2d_video_unet():
+    unet3d = use_minilm(VideoDecoderConfig.tiny(unet3d=True, with_vae=True, num_frames=2, size=16))
+    with pytest.raises(ValueError, match="2D UNet"):
+        unet3d.replace(unet={**unet3d.unet, "class_embed_type": "projection",
+                             "projection_class_embeddings_input_dim": 384})

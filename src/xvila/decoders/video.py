@@ -28,7 +28,9 @@ from xvila.decoders.base import (
     TokenizerConfig,
     check_arch,
     check_scheduler_folder,
+    check_pooled_conditioning,
     check_text_source,
+    class_labels_kwargs,
     clip_text_embeds,
     controlnet_kwargs,
     diffusers_part,
@@ -96,6 +98,10 @@ class VideoDecoderConfig(Config):
         check_text_source(self, self.tokenizer.max_length)
         if self.unet["cross_attention_dim"] != self.text_encoder["hidden_size"]:
             raise ValueError("unet.cross_attention_dim must equal text_encoder.hidden_size (the conditioning width)")
+        if self.frame_layout == "unet3d" and self.unet.get("class_embed_type") is not None:
+            raise ValueError("unet.class_embed_type needs a 2D UNet (frame_layout='stacked'): UNet3D has no class "
+                             "embedding")
+        check_pooled_conditioning(self.unet, self.cond_shape)
         factor = scale_factor_of(self.vae) * downscale_of(self.unet)
         if self.height % factor or self.width % factor:
             raise ValueError(f"height and width must be multiples of {factor} (VAE x UNet downsampling)")
@@ -281,4 +287,5 @@ class VideoDecoder(Decoder):
     def _unet(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, residuals: HighwayResiduals | None
     ) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=cond, **controlnet_kwargs(residuals)).sample
+        return self.unet(x, t, encoder_hidden_states=cond, **class_labels_kwargs(self.unet, cond),
+                         **controlnet_kwargs(residuals)).sample
