@@ -494,8 +494,9 @@ def test_pooled_conditioning_through_the_time_embedding(name):
         base.replace(unet={**base.unet, "class_embed_type": "projection", "projection_class_embeddings_input_dim": 64})
     with pytest.raises(ValueError, match="conditioning width"):
         config.replace(unet={**config.unet, "projection_class_embeddings_input_dim": 64})
-    with pytest.raises(ValueError, match="class_embed_type must be"):
-        config.replace(unet={**config.unet, "class_embed_type": "timestep"})
+    for other in ("timestep", "simple_projection"):  # simple_projection: the AudioLDM layout, no cross-attention
+        with pytest.raises(ValueError, match="class_embed_type must be"):
+            config.replace(unet={**config.unet, "class_embed_type": other})
 
 
 def test_pooled_conditioning_needs_a_2d_video_unet():

