@@ -157,6 +157,15 @@ def test_partial_captions_replace_a_share_of_clip_captions_with_true_partial_one
     assert all(full.sample(i)[0] == source.clip(full.clip_index(i)).caption for i in range(16))
 
 
+def test_world_clips_keep_each_rendered_clip_up_to_a_cap():
+    from xvila.train.data import WorldClips
+
+    clips = WorldClips("train", 24)
+    assert clips.clip(3) is clips.clip(3)  # kept, not rendered again
+    assert clips.clip.cache_info().maxsize == 24  # every scene of the source, not a fixed 8192
+    assert WorldClips("train", 10**6).clip.cache_info().maxsize == WorldClips.MAX_KEPT
+
+
 def test_schedules():
     cosine = ScheduleConfig(kind="cosine", warmup_steps=2, min_lr_ratio=0.1)
     factors = [lr_factor(cosine, 10, s) for s in range(11)]

@@ -68,13 +68,16 @@ class ClipSource:
 
 
 class WorldClips(ClipSource):
-    """Scenes ``0..n-1`` of a toy-world split, rendered on first use and kept (a 32x32 clip is ~35 kB)."""
+    """Scenes ``0..n-1`` of a toy-world split, rendered on first use and kept (a 32x32 clip is ~35 kB; up to
+    ``MAX_KEPT`` clips, about 1.1 GB: rendering one takes about 2 ms)."""
+
+    MAX_KEPT = 32768
 
     def __init__(self, split: str, n: int):
         from xvila.world import WorldConfig
 
         self.split, self.n, self.config = split, n, WorldConfig()
-        self.clip = functools.lru_cache(maxsize=8192)(self._render)
+        self.clip = functools.lru_cache(maxsize=min(n, self.MAX_KEPT))(self._render)
 
     def __len__(self) -> int:
         return self.n
