@@ -82,3 +82,29 @@ def test_summarize_gives_each_mean_its_standard_error_over_scenes():
 def test_eval_config_rejects_zero():
     with pytest.raises(ValueError, match="n must be"):
         EvalConfig(n=0)
+
+
+def test_cli_eval_runs_the_chosen_sections_on_the_chosen_scenes(capsys, monkeypatch):
+    from xvila import cli
+    from xvila.evaluation import SECTIONS, Evaluator
+
+    assert cli.EVAL_SECTIONS == ",".join(SECTIONS)
+    seen = []
+    plain = Evaluator.understanding
+
+    def recording(self, clips):
+        seen.append([c.key for c in clips])
+        return plain(self, clips)
+
+    monkeypatch.setattr(Evaluator, "understanding", recording)
+    args = ["eval", "--model", "tiny-random", "--n", "2", "--start", "5", "--sections", "understanding", "--json"]
+    assert main(args) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"understanding"}
+    assert seen == [[c.key for c in world_clips("test", 7, WorldConfig())[5:]]]
+    assert main(args[:-1]) == 0
+    assert "understanding image->text" in " ".join(capsys.readouterr().out.split())
+    for bad, why in ((["--sections", "understanding,speed"], "sections must be"), (["--start", "-1"], "start"),
+                     (["--sections", "highway", "--baseline", "tiny-random"], "generation")):
+        assert main(["eval", "--model", "tiny-random", "--n", "1", *bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1

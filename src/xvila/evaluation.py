@@ -36,11 +36,14 @@ GENERATION_TASKS = ("text->image", "text->video", "text->audio", "image->video",
                     "video->audio", "audio->image", "audio->video", "image+audio->video")
 UNDERSTANDING_TASKS = ("image->text", "video->text", "audio->text")
 HIGHWAY_TASKS = ("image->video", "video->image")
+SECTIONS = ("generation", "understanding", "highway", "compositional", "chat")
 
 
 @dataclass
 class EvalConfig(Config):
     n: int = 20  # test scenes per task
+    start: int = 0  # the first scene of each split: scenes start .. start + n - 1 (and of the compositional split)
+    sections: tuple[str, ...] = SECTIONS  # which parts to run (a baseline needs "generation")
     compositional_n: int | None = None  # scenes per generation task on held-out combinations (default: n)
     seed: int = 0
     max_new_tokens: int = 48
@@ -50,6 +53,12 @@ class EvalConfig(Config):
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start}")
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown or not self.sections:
+            raise ValueError(f"sections must be one or more of {', '.join(SECTIONS)}; got {list(self.sections)}")
+        self.sections = tuple(self.sections)
 
 
 def task_modalities(task: str) -> tuple[tuple[str, ...], str]:
@@ -194,29 +203,33 @@ class Evaluator:
                 "answers": {a["question"]: a["answer"] for a in answers}}
 
     def run(self, baseline: Evaluator | None = None) -> dict:
-        """Every section; with ``baseline``, that evaluator's model scored on the same test scenes' generation
-        (``baseline``) and this model's gain over it, scene by scene (``versus_baseline``)."""
-        test = world_clips("test", self.config.n, self.world)
-        compositional = world_clips("compositional", self.config.compositional_n or self.config.n, self.world)
-        test_scores = self.generation_scores(test)
-        held_out = self.generation_scores(compositional)
-        compositional_accuracy = {"accuracy": None, "accuracy_se": None}  # no task the model can do
-        if held_out:
-            # the tasks share the held-out scenes: the mean over tasks is the mean over scenes of each scene's task
-            # mean, and its standard error is taken over those scene means
-            scene_means = np.mean([np.asarray(s)[:, 0] for s in held_out.values()], axis=0)
-            compositional_accuracy = summarize(scene_means, ("accuracy",))
-        results = {
-            "generation": summarize_generation(test_scores),
-            "understanding": self.understanding(test),
-            "highway": self.highway(test) if self.model.config.highway is not None else {},
-            "compositional": {
-                **compositional_accuracy,
-                "n": sum(len(s) for s in held_out.values()),
-                "tasks": summarize_generation(held_out),
-            },
-            "chat": self.chat(),
-        }
+        """The configured sections (all by default); with ``baseline``, that evaluator's model scored on the same
+        test scenes' generation (``baseline``) and this model's gain over it, scene by scene (``versus_baseline``)."""
+        sections, c = self.config.sections, self.config
+        if baseline is not None and "generation" not in sections:
+            raise ValueError("a baseline is compared on generation: include the 'generation' section")
+        test = world_clips("test", c.n, self.world, c.start)
+        results = {}
+        if "generation" in sections:
+            test_scores = self.generation_scores(test)
+            results["generation"] = summarize_generation(test_scores)
+        if "understanding" in sections:
+            results["understanding"] = self.understanding(test)
+        if "highway" in sections:
+            results["highway"] = self.highway(test) if self.model.config.highway is not None else {}
+        if "compositional" in sections:
+            held_out = self.generation_scores(world_clips("compositional", c.compositional_n or c.n, self.world,
+                                                          c.start))
+            accuracy = {"accuracy": None, "accuracy_se": None}  # no task the model can do
+            if held_out:
+                # the tasks share the held-out scenes: the mean over tasks is the mean over scenes of each scene's
+                # task mean, and its standard error is taken over those scene means
+                accuracy = summarize(np.mean([np.asarray(s)[:, 0] for s in held_out.values()], axis=0),
+                                     ("accuracy",))
+            results["compositional"] = {**accuracy, "n": sum(len(s) for s in held_out.values()),
+                                        "tasks": summarize_generation(held_out)}
+        if "chat" in sections:
+            results["chat"] = self.chat()
         if baseline is not None:
             base_scores = baseline.generation_scores(test)
             results["baseline"] = summarize_generation(base_scores)
