@@ -248,3 +248,32 @@ def test_words_phase_trains_only_the_input_projections_and_lowers_the_word_loss(
 
     with pytest.raises(ValueError, match="vocabulary_scale"):  # plain vectors: nothing to name words with
         run_one_phase(tmp_path, XVilaConfig.tiny(), {**phase, "name": "plain"}, run="run2")
+
+
+def test_a_phase_closes_the_clip_sources_no_later_phase_reads(tmp_path, monkeypatch):
+    """The encoders' many rendered scenes must not stay in memory through the phases that read other sources."""
+    from xvila.train import data
+
+    overrides = [f"output_dir={tmp_path / 'run'}", 'phases.foundation.data.source="world:12"',
+                 'phases.alignment.data.source="world:10"']
+    recipe = read_recipe(SMOKE, overrides)
+    open_at_start = []
+
+    def fake_phase(recipe, index, *args, **kwargs):
+        open_at_start.append(set(data._OPEN_SOURCES))
+        for name in data.sources_of(recipe.phases[index].data):
+            data.open_source(name)
+        return None
+
+    monkeypatch.setattr(loop, "run_phase", fake_phase)
+    data.release_sources()
+    loop.train(recipe)
+    names = [p.name for p in recipe.phases]
+    assert open_at_start[1] == open_at_start[2] == set()  # world:12, then world:10: no later phase reads them
+    assert open_at_start[3] == {"world:16", "world:val:16"}  # read by phase 2 and the phases after it
+    for k in range(1, len(names)):  # everything still open is read by this phase or a later one
+        later = {s for p in recipe.phases[k:] for s in data.sources_of(p.data)}
+        assert open_at_start[k] <= later
+    assert not data._OPEN_SOURCES  # the last phase closes them all
+    assert data.open_source("world:4") is data.open_source("world:4")  # opened once, shared
+    assert data.release_sources() == ["world:4"]

@@ -46,6 +46,8 @@ from xvila.train.data import (
     generation_state_batches,
     make_batches,
     micro_slot,
+    release_sources,
+    sources_of,
 )
 from xvila.train.distributed import (
     DeepSpeedStrategy,
@@ -123,6 +125,11 @@ def train(recipe: RecipeConfig, resume: str | Path | None = None, phase: str | N
                 ckpt = ckpt_io.latest_checkpoint(out / "checkpoints" / p.name)
             summaries.append(run_phase(recipe, index, runtime, reporter, out, ckpt=ckpt,
                                        init=init if k == 0 else None))
+            # a phase's clips stay open for the later phases that read the same source, and no longer
+            later = {name for i in selected[k + 1:] for name in sources_of(recipe.phases[i].data)}
+            released = release_sources(keep=later)
+            if released:
+                logger.info("closed the clip sources no later phase reads: %s", ", ".join(released))
         return summaries
     finally:
         if reporter is not None:
