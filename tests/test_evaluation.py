@@ -89,20 +89,27 @@ def test_cli_eval_runs_the_chosen_sections_on_the_chosen_scenes(capsys, monkeypa
     from xvila.evaluation import SECTIONS, Evaluator
 
     assert cli.EVAL_SECTIONS == ",".join(SECTIONS)
+    args = ["eval", "--model", "tiny-random", "--n", "2", "--start", "5", "--sections", "understanding"]
+    assert main(args + ["--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {"understanding"} and results["understanding"]["image->text"]["n"] == 2
+    assert main(args) == 0
+    assert "understanding image->text" in " ".join(capsys.readouterr().out.split())
+    # which scenes, and their prompts: scene 5 keeps its prompt and seed whatever window it is scored in
     seen = []
-    plain = Evaluator.understanding
 
     def recording(self, clips):
-        seen.append([c.key for c in clips])
-        return plain(self, clips)
+        seen.append([(c.key, prompt_of("image->text", c, self.spec, self._seed(i))[0][0].text, self._seed(i))
+                     for i, c in enumerate(clips)])
+        return {}
 
     monkeypatch.setattr(Evaluator, "understanding", recording)
-    args = ["eval", "--model", "tiny-random", "--n", "2", "--start", "5", "--sections", "understanding", "--json"]
-    assert main(args) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"understanding"}
-    assert seen == [[c.key for c in world_clips("test", 7, WorldConfig())[5:]]]
-    assert main(args[:-1]) == 0
-    assert "understanding image->text" in " ".join(capsys.readouterr().out.split())
+    for start, n in ((5, 2), (4, 3)):
+        assert main(["eval", "--model", "tiny-random", "--n", str(n), "--start", str(start), "--sections",
+                     "understanding", "--json"]) == 0
+    assert [key for key, _, _ in seen[0]] == [c.key for c in world_clips("test", 7, WorldConfig())[5:]]
+    assert seen[0] == seen[1][1:]
+    capsys.readouterr()
     for bad, why in ((["--sections", "understanding,speed"], "sections must be"), (["--start", "-1"], "start"),
                      (["--sections", "highway", "--baseline", "tiny-random"], "generation")):
         assert main(["eval", "--model", "tiny-random", "--n", "1", *bad]) == 2

@@ -139,6 +139,10 @@ class Evaluator:
         self.spec = TaskSpec.from_model(model)
         self.progress = progress
 
+    def _seed(self, i: int) -> int:
+        """The prompt and sampling seed of the i-th clip: scene ``start + i`` gets the same one whatever the window."""
+        return self.config.seed + self.config.start + i
+
     def _bar(self, items, desc: str):
         return tqdm(items, desc=desc, disable=not self.progress, leave=False)
 
@@ -155,8 +159,8 @@ class Evaluator:
             _, target = task_modalities(task)
             scores = []
             for i, clip in enumerate(self._bar(clips, task)):
-                messages, answer = prompt_of(task, clip, self.spec, self.config.seed + i)
-                generated = _generate(self.model, messages, target, self.config, self.config.seed + i)
+                messages, answer = prompt_of(task, clip, self.spec, self._seed(i))
+                generated = _generate(self.model, messages, target, self.config, self._seed(i))
                 scores.append(judge(self.model, task, clip, generated, answer.media[0].data))
             results[task] = scores
         return results
@@ -167,9 +171,9 @@ class Evaluator:
             source = task.split("->")[0]
             scores = []
             for i, clip in enumerate(self._bar(clips, task)):
-                messages, _ = prompt_of(task, clip, self.spec, self.config.seed + i)
+                messages, _ = prompt_of(task, clip, self.spec, self._seed(i))
                 answer = self.model.generate(messages, GenerationConfig(
-                    max_new_tokens=self.config.max_new_tokens, seed=self.config.seed + i, decode_media=False))
+                    max_new_tokens=self.config.max_new_tokens, seed=self._seed(i), decode_media=False))
                 scores.append(probe_score(probe_text(answer.text), world_scene(clip)[0], MODALITY_ATTRIBUTES[source]))
             results[task] = summarize(scores, ("accuracy",))
         return results
@@ -181,10 +185,10 @@ class Evaluator:
             (source,), target = task_modalities(task)
             ious = {True: [], False: []}
             for i, clip in enumerate(self._bar(clips, f"highway {task}")):
-                messages, _ = prompt_of(task, clip, self.spec, self.config.seed + i)
+                messages, _ = prompt_of(task, clip, self.spec, self._seed(i))
                 reference = shape_mask(_first_frame(messages[0].media[0].data))
                 for on in (True, False):
-                    out = _generate(self.model, messages, target, self.config, self.config.seed + i, highway=on)
+                    out = _generate(self.model, messages, target, self.config, self._seed(i), highway=on)
                     if out is None:
                         ious[on].append(0.0)
                         continue
