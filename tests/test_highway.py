@@ -160,6 +160,36 @@ def test_residuals_end_guides_only_the_noisiest_steps(decoders, monkeypatch, end
         HighwayConfig(end=1.5)
 
 
+@pytest.mark.parametrize("name", ["image", "unet3d"])
+def test_residuals_can_guide_the_conditional_half_of_guidance_only(decoders, monkeypatch, name):
+    decoder = decoders[name]
+    with torch.no_grad():
+        res = perturb(highway_for(decoder))(patches(), GRID, frames_arg(decoder))
+    seen, denoise = [], decoder._denoise
+
+    def spy(x, t, cond, residuals):
+        seen.append(residuals)
+        return denoise(x, t, cond, residuals)
+
+    monkeypatch.setattr(decoder, "_denoise", spy)
+    cond = decoder.encode_text(["a", "b"])
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    both = decoder.sample(cond, guidance_scale=3.0, num_inference_steps=2, residuals=res, generator=g())
+    assert all(torch.equal(r.mid, torch.cat([res.mid, res.mid])) for r in seen)
+    seen.clear()
+    conditional = decoder.sample(cond, guidance_scale=3.0, num_inference_steps=2, residuals=res, generator=g(),
+                                 residuals_unconditional=False)
+    half = len(res.mid)  # (uncond, cond) halves: zeros, then the residuals
+    for r in seen:
+        for got, want in zip([*r.down, r.mid], [*res.down, res.mid], strict=True):
+            assert not got[:half].any() and torch.equal(got[half:], want)
+    assert not torch.equal(both, conditional)
+    # without guidance there is no unconditional half: the same sample either way
+    plain = [decoder.sample(cond, guidance_scale=1.0, num_inference_steps=2, residuals=res, generator=g(),
+                            residuals_unconditional=u) for u in (True, False)]
+    assert torch.equal(*plain)
+
+
 def test_end_per_output_modality():
     cfg = HighwayConfig(end={"image": 0.5, "video": 0.7})
     assert (cfg.end_for("image"), cfg.end_for("video")) == (0.5, 0.7)
@@ -233,7 +263,7 @@ def test_highway_errors(decoders):
 
 def test_highway_config_round_trip():
     cfg = HighwayConfig(hidden_channels=32, blocks_per_level=2, strength=0.5, unpatchify=2, loss_timestep_power=2.0,
-                        loss_draws=2, end=0.4)
+                        loss_draws=2, end=0.4, unconditional=False)
     assert HighwayConfig.from_dict(cfg.to_dict()) == cfg
 
 

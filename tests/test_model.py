@@ -102,10 +102,14 @@ def test_generation_passes_the_highway_end_to_visual_decoders_only(config, monke
     msgs = [Message("user", "draw", [MediaItem("video", media(model, "video"))])]
     model.generate(msgs, GenerationConfig(max_new_tokens=4, outputs=("image", "audio"), num_inference_steps=2))
     assert seen["image"]["residuals"] is not None and seen["image"]["residuals_end"] == 0.4
+    assert seen["image"]["residuals_unconditional"] is True
     assert seen["audio"]["residuals"] is None and seen["audio"]["residuals_end"] == 1.0
     seen.clear()
     model.generate(msgs, GenerationConfig(max_new_tokens=4, outputs=("image",), num_inference_steps=2, highway=False))
     assert seen["image"]["residuals"] is None and seen["image"]["residuals_end"] == 1.0
+    model.config = model.config.replace(highway=model.config.highway.replace(unconditional=False))
+    model.generate(msgs, GenerationConfig(max_new_tokens=4, outputs=("image",), num_inference_steps=2))
+    assert seen["image"]["residuals"] is not None and seen["image"]["residuals_unconditional"] is False
 
 SPECS = [
     {"input_projections": "full", "output_projections": "full"},

@@ -179,14 +179,14 @@ def _decode_media(model, runs, encoded, guide, config, generator) -> list[Genera
         cond = model.output_projections[m](states, mask)  # (N, Q, D_cond)
         data = [None] * len(cond)
         if config.decode_media:
-            residuals, end = None, 1.0
+            residuals, end, unconditional = None, 1.0, True
             if config.highway and guide is not None and model.config.highway is not None and get_modality(m).visual:
                 patch = encoded[guide[0]].patch_embeds[guide[1]]  # (P, C)
                 residuals = model.highway_residuals(m, guide[0], patch.expand(len(cond), *patch.shape))
-                end = model.config.highway.end_for(m)
+                end, unconditional = model.config.highway.end_for(m), model.config.highway.unconditional
             kwargs = {k: v for k, v in (("num_inference_steps", config.num_inference_steps),
                                         ("guidance_scale", config.guidance_scale)) if v is not None}
             data = model.decoder(m).sample(cond, residuals=residuals, residuals_end=end, generator=generator,
-                                              **kwargs)
+                                           residuals_unconditional=unconditional, **kwargs)
         results += [GeneratedMedia(m, data[i], i, cond[i]) for i in range(len(cond))]
     return results

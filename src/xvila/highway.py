@@ -88,6 +88,12 @@ class HighwayResiduals:
         """Stack ``times`` copies along the batch, e.g. for the two halves of classifier-free guidance."""
         return HighwayResiduals([torch.cat([d] * times) for d in self.down], torch.cat([self.mid] * times))
 
+    def after_zeros(self) -> HighwayResiduals:
+        """Zeros, then these residuals, along the batch: classifier-free guidance whose unconditional half they
+        leave alone (adding zeros changes nothing)."""
+        return HighwayResiduals([torch.cat([torch.zeros_like(d), d]) for d in self.down],
+                                torch.cat([torch.zeros_like(self.mid), self.mid]))
+
 
 @dataclass
 class HighwayConfig(Config):
@@ -109,6 +115,11 @@ class HighwayConfig(Config):
     # ``control_guidance_end``); the later steps then follow the text alone. 1: every step. A mapping sets it per
     # output modality ({"image": 0.5, "video": 0.7}); a visual modality it leaves out gets 1
     end: float | dict[str, float] = 1.0
+    # sampling: whether the residuals also guide the unconditional half of classifier-free guidance. True: guidance
+    # amplifies the text alone and the visual input counts once, so it needs a strength > 1 to hold its own. False:
+    # the visual input is part of the condition that guidance amplifies, with the text, in the proportion the loss
+    # trained them (diffusers' ControlNet does this in its guess mode); a strength below 1 then
+    unconditional: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_channels < 1:

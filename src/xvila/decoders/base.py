@@ -588,12 +588,14 @@ class Decoder(nn.Module):
         residuals: HighwayResiduals | None = None,
         residuals_end: float = 1.0,
         generator: torch.Generator | None = None,
+        residuals_unconditional: bool = True,
     ) -> torch.Tensor:
         """cond_embeds (B, Q, D_cond) -> media (B, ...) in repo conventions, at the config's size.
 
         Classifier-free guidance when ``guidance_scale > 1``: ``negative_embeds`` ((B or 1, Q, D_cond); default
         ``encode_text([""])``) give the unconditional half. Highway residuals guide both halves, so guidance
-        amplifies what the text adds and keeps the visual structure. ``residuals_end``: the fraction of the steps,
+        amplifies what the text adds and keeps the visual structure; with ``residuals_unconditional=False`` they guide
+        the conditional half only, and guidance amplifies them with the text. ``residuals_end``: the fraction of the steps,
         noisiest first, that the residuals guide (the first floor(end * steps); at least one).
         """
         if not 0.0 < residuals_end <= 1.0:
@@ -618,7 +620,7 @@ class Decoder(nn.Module):
             self._check_cond(negative_embeds, negative_embeds.shape[0], "negative_embeds")
             cond = torch.cat([negative_embeds.to(dtype).expand(b, -1, -1), cond])  # (2B, Q, D): uncond, cond
             if residuals is not None:
-                residuals = residuals.repeat_batch(2)
+                residuals = residuals.repeat_batch(2) if residuals_unconditional else residuals.after_zeros()
         guided_steps = max(1, math.floor(residuals_end * len(sampler.timesteps) + 1e-6))
         for i, t in enumerate(sampler.timesteps):
             x = torch.cat([latents] * 2) if do_cfg else latents
