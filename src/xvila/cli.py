@@ -165,6 +165,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 EVAL_SECTIONS = "generation,understanding,highway,compositional,chat"  # xvila.evaluation.SECTIONS (no torch import)
 
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from xvila.evaluation import EvalConfig, evaluate
 
@@ -172,10 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         config = EvalConfig(n=args.n, start=args.start, sections=sections, seed=args.seed,
                             num_inference_steps=args.steps)
+        if args.baseline:
+            config.check_baseline()  # before the models load
     except ValueError as e:
         raise CLIError(str(e)) from None
-    if args.baseline and "generation" not in sections:
-        raise CLIError("--baseline is compared on generation: include it in --sections")
     model = load_model(args.model, args.seed)
     baseline = load_model(args.baseline, args.seed) if args.baseline else None
     results = evaluate(model, config, baseline=baseline, progress=not args.json)

@@ -60,6 +60,11 @@ class EvalConfig(Config):
             raise ValueError(f"sections must be one or more of {', '.join(SECTIONS)}; got {list(self.sections)}")
         self.sections = tuple(self.sections)
 
+    def check_baseline(self) -> None:
+        """Raise ValueError unless these sections can score a baseline (it is compared on generation)."""
+        if "generation" not in self.sections:
+            raise ValueError("a baseline is compared on generation: include the 'generation' section")
+
 
 def task_modalities(task: str) -> tuple[tuple[str, ...], str]:
     """``"image+audio->video"`` -> (("image", "audio"), "video"); text is no media."""
@@ -209,9 +214,10 @@ class Evaluator:
     def run(self, baseline: Evaluator | None = None) -> dict:
         """The configured sections (all by default); with ``baseline``, that evaluator's model scored on the same
         test scenes' generation (``baseline``) and this model's gain over it, scene by scene (``versus_baseline``)."""
-        sections, c = self.config.sections, self.config
-        if baseline is not None and "generation" not in sections:
-            raise ValueError("a baseline is compared on generation: include the 'generation' section")
+        c = self.config
+        sections = c.sections
+        if baseline is not None:
+            c.check_baseline()
         test = world_clips("test", c.n, self.world, c.start)
         results = {}
         if "generation" in sections:

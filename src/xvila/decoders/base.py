@@ -595,8 +595,8 @@ class Decoder(nn.Module):
         Classifier-free guidance when ``guidance_scale > 1``: ``negative_embeds`` ((B or 1, Q, D_cond); default
         ``encode_text([""])``) give the unconditional half. Highway residuals guide both halves, so guidance
         amplifies what the text adds and keeps the visual structure; with ``residuals_unconditional=False`` they guide
-        the conditional half only, and guidance amplifies them with the text. ``residuals_end``: the fraction of the steps,
-        noisiest first, that the residuals guide (the first floor(end * steps); at least one).
+        the conditional half only, and guidance amplifies them with the text. ``residuals_end``: the fraction of the
+        steps, noisiest first, that the residuals guide (the first floor(end * steps); at least one).
         """
         if not 0.0 < residuals_end <= 1.0:
             raise ValueError(f"residuals_end must be in (0, 1], got {residuals_end}")

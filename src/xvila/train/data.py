@@ -133,8 +133,8 @@ MAX_OPEN_SOURCES = 8
 
 def open_source(source: str) -> ClipSource:
     """The clip source ``source`` names, opened once per process and shared by the phases that read it (a world
-    source keeps its rendered clips: 1.5 GB for 24000 scenes). At most ``MAX_OPEN_SOURCES`` stay open, the least recently
-    used closed first; :func:`release_sources` closes those no later phase reads."""
+    source keeps its rendered clips: 1.5 GB for 24000 scenes). At most ``MAX_OPEN_SOURCES`` stay open, the least
+    recently used closed first; :func:`release_sources` closes those no later phase reads."""
     if source in _OPEN_SOURCES:
         _OPEN_SOURCES.move_to_end(source)
         return _OPEN_SOURCES[source]
