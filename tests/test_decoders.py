@@ -17,7 +17,7 @@ from xvila.decoders import (
     build_decoder,
     use_minilm,
 )
-from xvila.decoders.audio import SAMPLE_RATE, mel_to_magnitude
+from xvila.decoders.audio import SAMPLE_RATE, AudioDecoder, AudioDecoderConfig, MelConfig, mel_to_magnitude
 from xvila.highway import HighwayResiduals
 
 TINY = {
@@ -329,12 +329,18 @@ def test_log_mel_and_griffin_lim_keep_pitch(decoders):
     assert ((peak_hz - notes).abs() < 16).all(), peak_hz  # nearer its own note than the next one
 
 
-def test_mel_inversion_keeps_a_tone_between_two_mel_bands(decoders):
+def log_band_decoder() -> AudioDecoder:
+    base = AudioDecoderConfig.tiny()
+    return AudioDecoder(base.replace(mel=base.mel.replace(frequency_scale="log", fmin=150.0, fmax=4000.0)))
+
+
+@pytest.mark.parametrize("scale", ["mel", "log"])
+def test_mel_inversion_keeps_a_tone_between_two_mel_bands(decoders, scale):
     """A tone between two mel bands' centres has nearly the mel of two tones on the centres; the inversion must
     put the peak at the tone. (A fit of free STFT bins put tones 1.2-1.3 bins off for about a tenth of these
     frequencies, so glides came back as steps.)"""
-    d = decoders["audio"]
-    bin_hz = SAMPLE_RATE / d.config.mel.n_fft  # 15.6 Hz; the bands' centres here are 3 bins apart
+    d = decoders["audio"] if scale == "mel" else log_band_decoder()
+    bin_hz = SAMPLE_RATE / d.config.mel.n_fft  # 15.6 Hz; the mel bands' centres here are 3 bins apart
     tones = torch.arange(180.0, 460.0, 2.0)  # every 2 Hz over the toy world's notes
     t = torch.arange(8_000) / SAMPLE_RATE
     mel = d.wave_to_mel(0.5 * torch.sin(2 * math.pi * tones[:, None] * t))  # (N, frames, n_mels)
@@ -342,6 +348,42 @@ def test_mel_inversion_keeps_a_tone_between_two_mel_bands(decoders):
     peak_hz = magnitude[..., 4:-4].argmax(dim=1).float() * bin_hz  # (N, frames), away from the edges
     off = (peak_hz - tones[:, None]).abs().amax(dim=1) / bin_hz  # (N,) in bins
     assert (off <= 0.75).all(), tones[off > 0.75]
+
+
+def harmonic_peaks(decoder, f0: float, harmonics=(1, 2, 3, 4, 5)) -> list[int]:
+    """The band holding each harmonic's peak in the decoder's log-mel of a steady tone at f0 (one harmonic at a time)."""
+    t = torch.arange(8_000) / SAMPLE_RATE
+    waves = torch.stack([0.3 * torch.sin(2 * math.pi * k * f0 * t) for k in harmonics])
+    return decoder.wave_to_mel(waves)[:, 8].argmax(dim=-1).tolist()
+
+
+def test_log_bands_move_a_harmonic_pattern_without_stretching_it():
+    """On log-spaced bands, raising the pitch by a whole number of bands moves every harmonic by that number of
+    bands, so a timbre keeps its pattern at any pitch; on slaney mel bands the upper harmonics move further."""
+    log, mel = log_band_decoder(), AudioDecoder(AudioDecoderConfig.tiny())
+    ratio = (4000 / 150) ** (1 / 63)
+    f0 = 150 * ratio**12  # on a band centre, above the bands' one-STFT-bin floor for every harmonic but the first
+    for steps in (3, 6, 9):
+        low, high = harmonic_peaks(log, f0), harmonic_peaks(log, f0 * ratio**steps)
+        assert [h - l for l, h in zip(low, high)] == [steps] * 5, (steps, low, high)
+    low, high = harmonic_peaks(mel, 220.0), harmonic_peaks(mel, 220.0 * 2 ** (6 / 12))
+    assert len({h - l for l, h in zip(low, high)}) > 1  # the mel axis stretches the pattern
+
+
+def test_log_band_inversion_keeps_pitch():
+    d = log_band_decoder()
+    notes = torch.tensor([220.0, 262.0, 294.0, 523.0])
+    t = torch.arange(16_000) / 16_000
+    back = d.mel_to_wave(d.wave_to_mel(0.5 * torch.sin(2 * math.pi * notes[:, None] * t)), gen())
+    peak_hz = torch.fft.rfft(back).abs().argmax(dim=-1).float()  # 1 s of audio: bin index == Hz
+    assert ((peak_hz - notes).abs() < 10).all(), peak_hz
+
+
+def test_mel_config_rejects_unknown_scales_and_a_log_scale_from_zero():
+    with pytest.raises(ValueError, match="frequency_scale"):
+        MelConfig(frequency_scale="bark")
+    with pytest.raises(ValueError, match="fmin > 0"):
+        MelConfig(frequency_scale="log", fmin=0.0)
 
 
 def test_mel_conversions_run_in_float32_under_autocast(decoders):

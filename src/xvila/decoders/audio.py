@@ -73,8 +73,15 @@ class MelConfig(Config):
     fmax: float = 8000.0
     offset: float = 0.0
     scale: float = 1.0
+    # "mel": librosa's slaney mel bands (HiFi-GAN, AudioLDM); "log": bands evenly spaced in log frequency
+    # (log_filter_bank), where a pitch change moves a harmonic pattern along the axis without stretching it
+    frequency_scale: str = "mel"
 
     def __post_init__(self) -> None:
+        if self.frequency_scale not in ("mel", "log"):
+            raise ValueError(f"mel.frequency_scale must be 'mel' or 'log', got {self.frequency_scale!r}")
+        if self.frequency_scale == "log" and self.fmin <= 0:
+            raise ValueError(f"mel: a log frequency scale needs fmin > 0, got {self.fmin}")
         if self.win_length > self.n_fft:
             raise ValueError(f"mel.win_length ({self.win_length}) must be <= n_fft ({self.n_fft})")
         if (self.n_fft - self.hop_length) % 2:
@@ -291,8 +298,25 @@ class AudioDecoderConfig(Config):
         )
 
 
+def log_filter_bank(mel: MelConfig) -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) triangular bands whose centres are evenly spaced in log frequency from ``fmin`` to
+    ``fmax``, each reaching its neighbours' centres (and at least one STFT bin each side, so that the narrow bands
+    at low frequencies still see a bin), area-normalised like slaney mel bands."""
+    bin_hz = SAMPLE_RATE / mel.n_fft
+    freqs = torch.arange(mel.n_fft // 2 + 1, dtype=torch.float64) * bin_hz  # (n_freq,)
+    centres = torch.logspace(math.log10(mel.fmin), math.log10(mel.fmax), mel.n_mels, dtype=torch.float64)
+    ratio = (mel.fmax / mel.fmin) ** (1 / max(mel.n_mels - 1, 1))
+    lower = torch.minimum(centres / ratio, centres - bin_hz)[:, None]
+    upper = torch.maximum(centres * ratio, centres + bin_hz)[:, None]
+    c = centres[:, None]
+    rise, fall = (freqs - lower) / (c - lower), (upper - freqs) / (upper - c)
+    bands = torch.minimum(rise, fall).clamp(min=0)  # (n_mels, n_freq)
+    return (bands * (2 / (upper - lower))).float()
+
+
 def log_mel(wave: torch.Tensor, window: torch.Tensor, mel_basis: torch.Tensor, mel: MelConfig) -> torch.Tensor:
-    """(B, S) waveform -> (B, S // hop, n_mels) natural-log mel of the magnitude STFT (HiFi-GAN / AudioLDM)."""
+    """(B, S) waveform -> (B, S // hop, n_mels) natural log of the magnitude STFT through ``mel_basis`` (slaney mel
+    bands as HiFi-GAN / AudioLDM, or log-spaced bands: ``MelConfig.frequency_scale``)."""
     pad = (mel.n_fft - mel.hop_length) // 2
     x = F.pad(wave[:, None], (pad, pad), mode="reflect")[:, 0]  # (B, S + n_fft - hop)
     spec = torch.stft(
@@ -383,10 +407,13 @@ class AudioDecoder(Decoder):
             vocoder = transformers_part(SpeechT5HifiGan, SpeechT5HifiGanConfig, config.vocoder, wp, "vocoder")
             self.vocoder = freeze(vocoder)
         m = config.mel
-        basis = mel_filter_bank(
-            num_frequency_bins=m.n_fft // 2 + 1, num_mel_filters=m.n_mels, min_frequency=m.fmin,
-            max_frequency=m.fmax, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
-        ).T  # fmt: skip  # (n_mels, n_freq), librosa's default filters as HiFi-GAN uses
+        if m.frequency_scale == "log":
+            basis = log_filter_bank(m).numpy()  # (n_mels, n_freq)
+        else:
+            basis = mel_filter_bank(
+                num_frequency_bins=m.n_fft // 2 + 1, num_mel_filters=m.n_mels, min_frequency=m.fmin,
+                max_frequency=m.fmax, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
+            ).T  # fmt: skip  # (n_mels, n_freq), librosa's default filters as HiFi-GAN uses
         # Derived from the config, so not saved (non-persistent): state_dict holds weights only.
         self.register_buffer("mel_basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
         self.register_buffer("window", torch.hann_window(m.win_length), persistent=False)
