@@ -93,6 +93,11 @@ class XVilaConfig(Config):
         video = video.replace(unet={**video.unet, "class_embed_type": "projection",
                                     "projection_class_embeddings_input_dim": video.cond_shape[1],
                                     "resnet_time_scale_shift": "scale_shift"})
+        # the audio decoder's bands are spaced evenly in log frequency over the toy world's notes and harmonics
+        # (150 Hz - 4 kHz): a pitch change moves a timbre's harmonics along the axis instead of stretching them, and
+        # from the true captions of held-out shape-colour pairs the audio UNet drew the timbre at 0.55 instead of
+        # 0.33 (64 scenes; docs/training.md, "Log-frequency bands for the audio decoder")
+        audio = audio.replace(mel=audio.mel.replace(frequency_scale="log", fmin=150.0, fmax=4000.0))
         decoders = DecodersConfig(image, video, audio)
         return tiny.replace(
             llm=LLMConfig.smollm2(),
