@@ -329,17 +329,19 @@ def test_log_mel_and_griffin_lim_keep_pitch(decoders):
     assert ((peak_hz - notes).abs() < 16).all(), peak_hz  # nearer its own note than the next one
 
 
+@pytest.fixture(scope="module")
 def log_band_decoder() -> AudioDecoder:
+    """The tiny audio decoder on log-spaced bands, as xvila-tiny's (150 Hz - 4 kHz)."""
     base = AudioDecoderConfig.tiny()
-    return AudioDecoder(base.replace(mel=base.mel.replace(frequency_scale="log", fmin=150.0, fmax=4000.0)))
+    return build(base.replace(mel=base.mel.replace(frequency_scale="log", fmin=150.0, fmax=4000.0)))
 
 
 @pytest.mark.parametrize("scale", ["mel", "log"])
-def test_mel_inversion_keeps_a_tone_between_two_mel_bands(decoders, scale):
+def test_mel_inversion_keeps_a_tone_between_two_mel_bands(decoders, log_band_decoder, scale):
     """A tone between two mel bands' centres has nearly the mel of two tones on the centres; the inversion must
     put the peak at the tone. (A fit of free STFT bins put tones 1.2-1.3 bins off for about a tenth of these
     frequencies, so glides came back as steps.)"""
-    d = decoders["audio"] if scale == "mel" else log_band_decoder()
+    d = decoders["audio"] if scale == "mel" else log_band_decoder
     bin_hz = SAMPLE_RATE / d.config.mel.n_fft  # 15.6 Hz; the mel bands' centres here are 3 bins apart
     tones = torch.arange(180.0, 460.0, 2.0)  # every 2 Hz over the toy world's notes
     t = torch.arange(8_000) / SAMPLE_RATE
@@ -357,10 +359,10 @@ def harmonic_peaks(decoder, f0: float, harmonics=(1, 2, 3, 4, 5)) -> list[int]:
     return decoder.wave_to_mel(waves)[:, 8].argmax(dim=-1).tolist()
 
 
-def test_log_bands_move_a_harmonic_pattern_without_stretching_it():
+def test_log_bands_move_a_harmonic_pattern_without_stretching_it(decoders, log_band_decoder):
     """On log-spaced bands, raising the pitch by a whole number of bands moves every harmonic by that number of
     bands, so a timbre keeps its pattern at any pitch; on slaney mel bands the upper harmonics move further."""
-    log, mel = log_band_decoder(), AudioDecoder(AudioDecoderConfig.tiny())
+    log, mel = log_band_decoder, decoders["audio"]
     ratio = (4000 / 150) ** (1 / 63)
     f0 = 150 * ratio**12  # on a band centre, above the bands' one-STFT-bin floor for every harmonic but the first
     for steps in (3, 6, 9):
@@ -370,8 +372,8 @@ def test_log_bands_move_a_harmonic_pattern_without_stretching_it():
     assert len({h - l for l, h in zip(low, high)}) > 1  # the mel axis stretches the pattern
 
 
-def test_log_band_inversion_keeps_pitch():
-    d = log_band_decoder()
+def test_log_band_inversion_keeps_pitch(log_band_decoder):
+    d = log_band_decoder
     notes = torch.tensor([220.0, 262.0, 294.0, 523.0])
     t = torch.arange(16_000) / 16_000
     back = d.mel_to_wave(d.wave_to_mel(0.5 * torch.sin(2 * math.pi * notes[:, None] * t)), gen())

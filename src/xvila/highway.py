@@ -118,7 +118,7 @@ class HighwayConfig(Config):
     # sampling: whether the residuals also guide the unconditional half of classifier-free guidance. True: guidance
     # amplifies the text alone and the visual input counts once, so it needs a strength > 1 to hold its own. False:
     # the visual input is part of the condition that guidance amplifies, with the text, in the proportion the loss
-    # trained them (diffusers' ControlNet does this in its guess mode); a strength below 1 then
+    # trained them (diffusers' ControlNet does this in its guess mode), and a strength below 1 suffices
     unconditional: bool = True
 
     def __post_init__(self) -> None:
